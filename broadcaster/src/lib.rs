@@ -1,0 +1,1 @@
+//! crowdsurf-broadcaster: live media in, signed chunks out.

@@ -1,0 +1,1 @@
+//! crowdsurf-peer: the QUIC swarm node.
