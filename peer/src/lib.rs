@@ -1,1 +1,2 @@
 //! crowdsurf-peer: the QUIC swarm node.
+pub mod net;
