@@ -10,11 +10,14 @@
 //! - [`ticket`]: the short string a viewer pastes to join a stream.
 //! - [`wire`]: the control-stream messages and their codec, with explicit size limits.
 //! - [`window`]: the sliding window of recent sequence numbers and its compact buffer map.
+//! - [`swarm`]: the swarm state machine (membership, push trees, pull repair, playback order), and
+//!   behind the `sim` feature a discrete-event simulator that runs thousands of them in virtual time.
 //!
 //! The byte layout of every structure is written down in `docs/protocol.md` at the repository root.
 
 pub mod chunk;
 pub mod keys;
+pub mod swarm;
 pub mod ticket;
 pub mod window;
 pub mod wire;

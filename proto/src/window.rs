@@ -129,6 +129,14 @@ impl<T> Window<T> {
         evicted
     }
 
+    /// Removes the item at `seq`, if stored.
+    pub fn remove(&mut self, seq: u64) -> Option<T> {
+        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        let item = self.slots.get_mut(i)?.take();
+        self.len -= usize::from(item.is_some());
+        item
+    }
+
     /// Stored items in sequence order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> + '_ {
         self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|t| (self.base + i as u64, t)))

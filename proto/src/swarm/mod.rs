@@ -1,0 +1,1233 @@
+//! The swarm state machine: membership, push trees, pull repair and playback order, with no I/O.
+//!
+//! A [`Swarm`] is one node's view of the swarm. It is driven like `quinn-proto`'s `Connection`:
+//!
+//! - **inputs** are `handle_*` calls (a connection came up or went down, a control message or a verified
+//!   chunk arrived, a timer fired) and, on the origin, [`Swarm::publish`];
+//! - **outputs** come out of [`Swarm::poll_output`] (send a message, push a chunk on its own stream,
+//!   connect, disconnect, deliver a chunk to the local player) and [`Swarm::poll_timeout`] (when to call
+//!   [`Swarm::handle_timeout`] next).
+//!
+//! Time is a plain `u64` of microseconds on the caller's clock (wall-clock µs since the Unix epoch in
+//! the real node, virtual µs in the simulator); randomness comes from a seed in [`Config`]. After any
+//! `handle_*` call, drain `poll_output` until it returns `None`, then re-arm the timer from
+//! `poll_timeout`.
+//!
+//! ## How chunks spread
+//!
+//! - **Push trees.** The stream is split into `K` substreams (`seq % K`). For each substream a node picks
+//!   one neighbour as its *parent* and sends it `Subscribe`; the parent pushes every chunk of that
+//!   substream the moment it has verified it. Parents are chosen by how early their `Have`
+//!   announcements arrive (a moving average of their lag behind the first news of each chunk), so
+//!   nodes near the source become parents; a parent that lags or refuses is replaced. A node accepts at
+//!   most [`Config::push_slots`] child subscriptions (its upload budget in substreams); the origin only
+//!   [`Config::origin_fanout`] per substream, which keeps its upload a small constant multiple of the
+//!   bitrate however large the audience.
+//! - **Pull repair.** Every node announces each new chunk with `Have`. A chunk a neighbour has but the
+//!   push tree has not brought within a grace period is requested: earliest deadline first when its
+//!   deadline is near, rarest first otherwise, at most a few requests in flight per neighbour; a
+//!   request that times out is sent elsewhere.
+//! - **Window and playback.** Chunks live in a [`Window`] of the last `window` sequence numbers. A
+//!   playback cursor starts `target_latency` behind the live edge at a random-access chunk, hands
+//!   chunks on in order as soon as they are present ([`Output::Deliver`]), and skips a chunk whose
+//!   deadline (capture time + target latency) has passed ([`Output::Skip`]).
+//!
+//! ## Membership
+//!
+//! Bootstrap nodes come from the ticket; more come from `Peers` messages and from the peers a full node
+//! suggests when it refuses us. A node keeps dialling until it has `target_neighbours`, accepts inbound
+//! connections up to `max_neighbours` and refuses beyond that with a list of its neighbours, so a flash
+//! crowd spreads out. A neighbour that sends a forged chunk, a malformed message or floods requests is
+//! disconnected and banned for [`Config::ban_duration_us`].
+
+mod neighbour;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+
+use crate::chunk::Verified;
+use crate::keys::{NodeId, StreamId};
+use crate::window::{Insert, Window};
+use crate::wire::{GoodbyeReason, Hello, MAX_PEERS, MAX_REQUEST, Message, NodeAddr, Role};
+pub use neighbour::{ConnId, NeighbourStats};
+use neighbour::{Neighbour, TokenBucket};
+
+/// Time on the caller's clock, in microseconds.
+pub type Time = u64;
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What this node is.
+    pub role: Role,
+    /// Where this node accepts connections (told to neighbours for peer exchange).
+    pub listen: Vec<SocketAddr>,
+    /// How many neighbours to dial up to.
+    pub target_neighbours: usize,
+    /// How many neighbours in all (inbound included) before refusing.
+    pub max_neighbours: usize,
+    /// Into how many substreams the stream is split (`K`).
+    pub substreams: u16,
+    /// On the origin: how many children per substream (the first tier).
+    pub origin_fanout: usize,
+    /// How many (child, substream) subscriptions this node serves: its push upload is about
+    /// `push_slots / substreams` times the bitrate.
+    pub push_slots: usize,
+    /// Window length, in chunks.
+    pub window: usize,
+    /// Playback point behind the live edge, µs.
+    pub target_latency_us: u64,
+    /// How long a chunk announced by a neighbour may wait for the push tree before it is pulled, µs.
+    pub pull_grace_us: u64,
+    /// A request not answered within this is sent elsewhere, µs.
+    pub request_timeout_us: u64,
+    /// Most requests in flight to one neighbour.
+    pub max_requests_per_neighbour: usize,
+    /// Chunk streams queued for upload beyond which requests are declined (so the requester asks
+    /// someone less busy instead of waiting behind our queue).
+    pub max_upload_queue: usize,
+    /// How long a misbehaving node stays banned, µs.
+    pub ban_duration_us: u64,
+    /// Housekeeping period (repair, parent choice, dialling), µs.
+    pub tick_us: u64,
+    /// Seed for the node's random choices.
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            role: Role::Relay,
+            listen: Vec::new(),
+            target_neighbours: 8,
+            max_neighbours: 32,
+            substreams: 4,
+            origin_fanout: 2,
+            push_slots: 16,
+            window: 40,
+            target_latency_us: 1_000_000,
+            pull_grace_us: 150_000,
+            request_timeout_us: 600_000,
+            max_requests_per_neighbour: 8,
+            max_upload_queue: 6,
+            ban_duration_us: 600_000_000,
+            tick_us: 25_000,
+            seed: 0,
+        }
+    }
+}
+
+/// How a chunk reached this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Published here (origin).
+    Local,
+    /// Pushed by a parent or a neighbour without being asked.
+    Push,
+    /// Answer to our request.
+    Pull,
+}
+
+/// Something the driver must do, or should know.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Send a control message.
+    Send {
+        /// On which connection.
+        conn: ConnId,
+        /// What.
+        message: Message,
+    },
+    /// Send a chunk on a new unidirectional stream of this priority (higher is more urgent).
+    SendChunk {
+        /// To whom.
+        conn: ConnId,
+        /// The chunk.
+        chunk: Verified,
+        /// Stream priority.
+        priority: i32,
+    },
+    /// Abort an in-flight chunk stream (the receiver has it already).
+    CancelChunk {
+        /// On which connection.
+        conn: ConnId,
+        /// Which chunk.
+        seq: u64,
+    },
+    /// Dial this node, then report `handle_connected` or `handle_connect_failed`.
+    Connect(NodeAddr),
+    /// Close this connection (a goodbye has been queued before it where there was something to say).
+    Disconnect {
+        /// Which.
+        conn: ConnId,
+        /// Why (the QUIC close code).
+        reason: GoodbyeReason,
+    },
+    /// The next chunk at the playback cursor, in order.
+    Deliver(Verified),
+    /// The chunk at the playback cursor missed its deadline and is skipped.
+    Skip {
+        /// Which chunk.
+        seq: u64,
+    },
+    /// A verified chunk was stored for the first time (for measurement).
+    Arrived {
+        /// Sequence number.
+        seq: u64,
+        /// Capture time from its header.
+        capture_us: u64,
+        /// Payload bytes.
+        bytes: usize,
+        /// How it came.
+        path: Path,
+    },
+}
+
+/// Why the driver reports a neighbour as misbehaving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// A chunk failed verification (forged, corrupt, or of another stream).
+    BadChunk,
+    /// A control message could not be decoded.
+    Malformed,
+    /// Too many streams or bytes.
+    Flood,
+}
+
+/// Counters of one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Chunks stored after arriving by push.
+    pub push: u64,
+    /// Chunks stored after arriving by pull.
+    pub pull: u64,
+    /// Chunks that arrived when already stored.
+    pub duplicates: u64,
+    /// Chunks handed on in order.
+    pub delivered: u64,
+    /// Chunks skipped at their deadline.
+    pub skipped: u64,
+    /// Chunks published (origin).
+    pub published: u64,
+    /// Chunk payload bytes queued for sending.
+    pub chunk_bytes_up: u64,
+    /// Chunk payload bytes received.
+    pub chunk_bytes_down: u64,
+    /// Control messages sent.
+    pub messages_sent: u64,
+    /// Control-message bytes sent (approximate: encoded frame sizes).
+    pub control_bytes_up: u64,
+    /// Requests sent.
+    pub requests_sent: u64,
+    /// Requests that timed out.
+    pub request_timeouts: u64,
+    /// Requests we declined because our upload was busy.
+    pub requests_declined: u64,
+    /// Neighbours dropped for misbehaviour.
+    pub bans: u64,
+    /// Parent changes.
+    pub parent_changes: u64,
+}
+
+/// What we know of a node we are not necessarily connected to.
+#[derive(Debug, Clone)]
+struct Known {
+    addrs: Vec<SocketAddr>,
+    banned_until: Time,
+    failures: u32,
+    retry_at: Time,
+}
+
+/// One node's state machine. See the module docs.
+#[derive(Debug)]
+pub struct Swarm {
+    config: Config,
+    stream: StreamId,
+    me: NodeId,
+    rng: fastrand::Rng,
+    chunks: Window<Verified>,
+    neighbours: BTreeMap<ConnId, Neighbour>,
+    by_node: HashMap<NodeId, ConnId>,
+    known: HashMap<NodeId, Known>,
+    dialing: HashSet<NodeId>,
+    /// When we first heard of each recent sequence number (from any Have, or its arrival).
+    first_news: BTreeMap<u64, Time>,
+    /// Requests in flight: seq -> (conn, deadline).
+    requests: HashMap<u64, (ConnId, Time)>,
+    /// Parent per substream.
+    parents: Vec<Option<ConnId>>,
+    /// Per substream, neighbours that refused to be our parent, until when.
+    refused: Vec<HashMap<ConnId, Time>>,
+    live_edge: Option<u64>,
+    /// A recent chunk's (seq, capture_us, duration_us): estimates the capture time of chunks not seen.
+    reference: Option<(u64, u64, u32)>,
+    cursor: Option<u64>,
+    cursor_started: bool,
+    origin_offset: (i64, u64),
+    origin_repair: TokenBucket,
+    /// Chunk streams handed to the driver and not yet reported sent.
+    uploads_in_flight: usize,
+    counters: Counters,
+    outputs: VecDeque<Output>,
+    next_tick: Option<Time>,
+    next_peer_exchange: Time,
+    next_ping: Time,
+    nonce: u64,
+    ended: bool,
+}
+
+impl Swarm {
+    /// A node of `stream` with id `me`.
+    pub fn new(config: Config, stream: StreamId, me: NodeId) -> Self {
+        let k = usize::from(config.substreams.clamp(1, crate::wire::MAX_SUBSTREAMS));
+        let mut config = config;
+        config.substreams = k as u16;
+        Swarm {
+            rng: fastrand::Rng::with_seed(config.seed),
+            chunks: Window::new(config.window, 0),
+            neighbours: BTreeMap::new(),
+            by_node: HashMap::new(),
+            known: HashMap::new(),
+            dialing: HashSet::new(),
+            first_news: BTreeMap::new(),
+            requests: HashMap::new(),
+            parents: vec![None; k],
+            refused: vec![HashMap::new(); k],
+            live_edge: None,
+            reference: None,
+            cursor: None,
+            cursor_started: false,
+            origin_offset: if config.role == Role::Origin { (0, 0) } else { (0, u64::MAX) },
+            origin_repair: TokenBucket::new(4.0, 8.0),
+            uploads_in_flight: 0,
+            counters: Counters::default(),
+            outputs: VecDeque::new(),
+            next_tick: Some(0),
+            next_peer_exchange: 0,
+            next_ping: 0,
+            nonce: 0,
+            ended: false,
+            config,
+            stream,
+            me,
+        }
+    }
+
+    // ----- getters -----
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    /// The stream carried.
+    pub fn stream(&self) -> StreamId {
+        self.stream
+    }
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.me
+    }
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+    /// The stored chunks.
+    pub fn window(&self) -> &Window<Verified> {
+        &self.chunks
+    }
+    /// The highest sequence number known to exist.
+    pub fn live_edge(&self) -> Option<u64> {
+        self.live_edge
+    }
+    /// The next sequence number the playback cursor waits for.
+    pub fn playback_cursor(&self) -> Option<u64> {
+        self.cursor
+    }
+    /// Estimated (origin clock − our clock) in µs, and its uncertainty (u64::MAX when unknown).
+    pub fn origin_offset(&self) -> (i64, u64) {
+        self.origin_offset
+    }
+    /// Connected neighbours that have said hello, with their stats.
+    pub fn neighbours(&self) -> impl Iterator<Item = (ConnId, NodeId, &NeighbourStats)> + '_ {
+        self.neighbours.iter().filter_map(|(c, n)| n.node.map(|id| (*c, id, &n.stats)))
+    }
+    /// How many neighbours have said hello.
+    pub fn neighbour_count(&self) -> usize {
+        self.neighbours.values().filter(|n| n.hello_done()).count()
+    }
+    /// The parent per substream, as node ids.
+    pub fn parents(&self) -> Vec<Option<NodeId>> {
+        self.parents.iter().map(|p| p.and_then(|c| self.neighbours.get(&c)?.node)).collect()
+    }
+    /// How many (child, substream) subscriptions this node serves.
+    pub fn children(&self) -> usize {
+        self.neighbours.values().map(|n| n.child_of.len()).sum()
+    }
+    /// Whether the end-of-stream chunk has been delivered.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    // ----- outputs -----
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+    /// When to call [`Self::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        self.next_tick
+    }
+
+    // ----- inputs -----
+
+    /// Adds nodes to dial (from a ticket, or learned elsewhere).
+    pub fn add_peers(&mut self, now: Time, peers: impl IntoIterator<Item = NodeAddr>) {
+        for p in peers {
+            self.learn(now, p);
+        }
+        self.next_tick = Some(now);
+    }
+
+    /// A connection is up (TLS has authenticated `node`). Says hello.
+    pub fn handle_connected(&mut self, now: Time, conn: ConnId, node: NodeId, addr: SocketAddr, outbound: bool) {
+        self.dialing.remove(&node);
+        if let Some(k) = self.known.get_mut(&node) {
+            if k.banned_until > now {
+                self.outputs.push_back(Output::Disconnect { conn, reason: GoodbyeReason::Misbehaved });
+                return;
+            }
+            k.failures = 0;
+        }
+        let mut n = Neighbour::new(now, addr, outbound, self.config.window);
+        n.expected = Some(node);
+        self.neighbours.insert(conn, n);
+        let hello = Message::Hello(Hello {
+            version: crate::PROTOCOL_VERSION,
+            stream: self.stream,
+            node: self.me,
+            role: self.config.role,
+            listen: self.config.listen.clone(),
+            have: self.chunks.buffer_map(),
+        });
+        self.send(conn, hello);
+    }
+
+    /// A dial failed.
+    pub fn handle_connect_failed(&mut self, now: Time, node: NodeId) {
+        self.dialing.remove(&node);
+        if let Some(k) = self.known.get_mut(&node) {
+            k.failures += 1;
+            k.retry_at = now + 1_000_000u64 << k.failures.min(6);
+            if k.failures > 8 {
+                self.known.remove(&node);
+            }
+        }
+    }
+
+    /// A connection has gone (closed by either side, timed out, or failed).
+    pub fn handle_disconnected(&mut self, now: Time, conn: ConnId) {
+        let Some(n) = self.neighbours.remove(&conn) else { return };
+        if let Some(id) = n.node {
+            if self.by_node.get(&id) == Some(&conn) {
+                self.by_node.remove(&id);
+            }
+            if let Some(k) = self.known.get_mut(&id) {
+                k.retry_at = now + 2_000_000;
+            }
+        }
+        for p in self.parents.iter_mut() {
+            if *p == Some(conn) {
+                *p = None;
+            }
+        }
+        for r in self.refused.iter_mut() {
+            r.remove(&conn);
+        }
+        // Requests to it go elsewhere at once.
+        self.requests.retain(|_, (c, _)| *c != conn);
+        self.next_tick = Some(now);
+    }
+
+    /// The driver caught a neighbour misbehaving: disconnect and ban it.
+    pub fn handle_misbehaviour(&mut self, now: Time, conn: ConnId, what: Misbehaviour) {
+        let _ = what;
+        self.ban(now, conn);
+    }
+
+    /// A control message arrived.
+    pub fn handle_message(&mut self, now: Time, conn: ConnId, message: Message) {
+        let Some(n) = self.neighbours.get_mut(&conn) else { return };
+        n.stats.messages_received += 1;
+        if !n.hello_done() {
+            match message {
+                Message::Hello(hello) => self.on_hello(now, conn, hello),
+                _ => self.ban(now, conn),
+            }
+            return;
+        }
+        match message {
+            Message::Hello(_) => self.ban(now, conn),
+            Message::BufferMap(map) => {
+                for seq in map.iter() {
+                    self.on_have(now, conn, seq);
+                }
+            }
+            Message::Have { seq } => self.on_have(now, conn, seq),
+            Message::Request { seqs } => self.on_request(now, conn, seqs),
+            Message::Cancel { seq } => {
+                if self.requests.get(&seq).is_some_and(|(c, _)| *c == conn) {
+                    // It declined our request: ask someone else, and give it a rest.
+                    self.requests.remove(&seq);
+                    if let Some(n) = self.neighbours.get_mut(&conn) {
+                        n.busy_until = now + 2 * self.config.tick_us + n.stats.rtt_us.unwrap_or(0);
+                    }
+                    self.next_tick = Some(now);
+                } else {
+                    // It has the chunk already: stop sending it.
+                    if let Some(n) = self.neighbours.get_mut(&conn) {
+                        n.have.insert(seq, ());
+                    }
+                    self.outputs.push_back(Output::CancelChunk { conn, seq });
+                }
+            }
+            Message::Subscribe { substream, substreams, from_seq } => {
+                self.on_subscribe(now, conn, substream, substreams, from_seq)
+            }
+            Message::Unsubscribe { substream } => self.on_unsubscribe(now, conn, substream),
+            Message::Peers(peers) => {
+                for p in peers.into_iter().take(MAX_PEERS) {
+                    self.learn(now, p);
+                }
+            }
+            Message::Goodbye { reason, peers, .. } => {
+                for p in peers.into_iter().take(MAX_PEERS) {
+                    self.learn(now, p);
+                }
+                if let Some(id) = self.neighbours.get(&conn).and_then(|n| n.node)
+                    && let Some(k) = self.known.get_mut(&id)
+                {
+                    // A full node is worth retrying later, not now.
+                    k.retry_at = now + if reason == GoodbyeReason::Full { 10_000_000 } else { 5_000_000 };
+                }
+                self.outputs.push_back(Output::Disconnect { conn, reason: GoodbyeReason::Leaving });
+                self.handle_disconnected(now, conn);
+            }
+            Message::Ping { nonce, sent_us } => {
+                let (origin_offset_us, origin_offset_error_us) = self.origin_offset;
+                self.send(
+                    conn,
+                    Message::Pong {
+                        nonce,
+                        ping_sent_us: sent_us,
+                        reply_us: now,
+                        origin_offset_us,
+                        origin_offset_error_us,
+                    },
+                );
+            }
+            Message::Pong { ping_sent_us, reply_us, origin_offset_us, origin_offset_error_us, .. } => {
+                self.on_pong(now, conn, ping_sent_us, reply_us, origin_offset_us, origin_offset_error_us)
+            }
+        }
+    }
+
+    /// A chunk arrived on `conn` and the driver has verified it against the stream key.
+    pub fn handle_chunk(&mut self, now: Time, conn: ConnId, chunk: Verified) {
+        let seq = chunk.seq();
+        let requested = self.requests.get(&seq).map(|(c, _)| *c);
+        let path = if requested == Some(conn) { Path::Pull } else { Path::Push };
+        let bytes = chunk.payload().len();
+        self.counters.chunk_bytes_down += bytes as u64;
+        let mut news = false;
+        if let Some(n) = self.neighbours.get_mut(&conn) {
+            n.timeouts_in_a_row = 0;
+            news = n.have.insert(seq, ()) != Insert::Duplicate;
+            n.stats.chunks_received += 1;
+            n.stats.bytes_received += bytes as u64;
+            n.last_useful = now;
+        }
+        if news {
+            self.note_news(now, conn, seq);
+        }
+        // A parent is judged by when its pushes land, not by when it announces: an announcement
+        // says it has the chunk, the push arriving says its uplink can deliver it to us.
+        let s = (seq % u64::from(self.config.substreams)) as usize;
+        if self.parents[s] == Some(conn) {
+            let first = self.first_news.get(&seq).copied().unwrap_or(now);
+            if let Some(n) = self.neighbours.get_mut(&conn) {
+                n.note_lag(s, now.saturating_sub(first));
+            }
+        }
+        self.store(now, chunk, path, Some(conn));
+    }
+
+    /// A chunk stream asked for with [`Output::SendChunk`] has finished (sent, cancelled or failed).
+    /// Keeps the upload queue estimate that decides whether to take on repair requests.
+    pub fn handle_chunk_sent(&mut self, _now: Time, _conn: ConnId, _seq: u64) {
+        self.uploads_in_flight = self.uploads_in_flight.saturating_sub(1);
+    }
+
+    /// On the origin: a new chunk, signed by the stream key. Pushes it to the first tier.
+    pub fn publish(&mut self, now: Time, chunk: Verified) {
+        self.counters.published += 1;
+        self.first_news.entry(chunk.seq()).or_insert(now);
+        self.store(now, chunk, Path::Local, None);
+    }
+
+    /// The timer armed by [`Self::poll_timeout`] fired (calling it early is harmless).
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.next_tick.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_tick = Some(now + self.config.tick_us);
+        self.expire_requests(now);
+        self.advance_playback(now);
+        self.repair(now);
+        if self.config.role != Role::Origin {
+            self.choose_parents(now);
+        }
+        self.maintain_membership(now);
+        if now >= self.next_ping {
+            self.next_ping = now + 2_000_000;
+            for conn in self.ready_neighbours() {
+                self.nonce += 1;
+                self.send(conn, Message::Ping { nonce: self.nonce, sent_us: now });
+            }
+        }
+    }
+
+    // ----- internals -----
+
+    fn send(&mut self, conn: ConnId, message: Message) {
+        self.counters.messages_sent += 1;
+        self.counters.control_bytes_up += approx_frame_len(&message) as u64;
+        self.outputs.push_back(Output::Send { conn, message });
+    }
+
+    fn ready_neighbours(&self) -> Vec<ConnId> {
+        let mut v: Vec<ConnId> = self.neighbours.iter().filter(|(_, n)| n.hello_done()).map(|(c, _)| *c).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn learn(&mut self, now: Time, p: NodeAddr) {
+        if p.id == self.me || p.addrs.is_empty() {
+            return;
+        }
+        if self.known.len() >= 4096 && !self.known.contains_key(&p.id) {
+            return;
+        }
+        let k =
+            self.known.entry(p.id).or_insert(Known { addrs: Vec::new(), banned_until: 0, failures: 0, retry_at: now });
+        k.addrs = p.addrs;
+        k.addrs.truncate(crate::wire::MAX_ADDRS);
+    }
+
+    fn ban(&mut self, now: Time, conn: ConnId) {
+        self.counters.bans += 1;
+        let id = self.neighbours.get(&conn).and_then(|n| n.node.or(n.expected));
+        if let Some(id) = id {
+            let k = self.known.entry(id).or_insert(Known {
+                addrs: Vec::new(),
+                banned_until: 0,
+                failures: 0,
+                retry_at: now,
+            });
+            k.banned_until = now + self.config.ban_duration_us;
+        }
+        self.send(
+            conn,
+            Message::Goodbye { reason: GoodbyeReason::Misbehaved, peers: Vec::new(), message: String::new() },
+        );
+        self.outputs.push_back(Output::Disconnect { conn, reason: GoodbyeReason::Misbehaved });
+        self.handle_disconnected(now, conn);
+    }
+
+    fn goodbye(&mut self, now: Time, conn: ConnId, reason: GoodbyeReason, message: &str) {
+        let peers = if reason == GoodbyeReason::Full { self.sample_peers(conn, 16) } else { Vec::new() };
+        self.send(conn, Message::Goodbye { reason, peers, message: message.to_owned() });
+        self.outputs.push_back(Output::Disconnect { conn, reason });
+        self.handle_disconnected(now, conn);
+    }
+
+    fn sample_peers(&mut self, except: ConnId, max: usize) -> Vec<NodeAddr> {
+        let mut peers: Vec<NodeAddr> = self
+            .neighbours
+            .iter()
+            .filter(|(c, n)| **c != except && !n.listen.is_empty())
+            .filter_map(|(_, n)| Some(NodeAddr { id: n.node?, addrs: n.listen.clone() }))
+            .collect();
+        peers.sort_by_key(|p| p.id);
+        self.rng.shuffle(&mut peers);
+        peers.truncate(max);
+        peers
+    }
+
+    fn on_hello(&mut self, now: Time, conn: ConnId, hello: Hello) {
+        if hello.version != crate::PROTOCOL_VERSION {
+            return self.goodbye(now, conn, GoodbyeReason::UnsupportedVersion, "unsupported protocol version");
+        }
+        if hello.stream != self.stream {
+            return self.goodbye(now, conn, GoodbyeReason::WrongStream, "this node carries another stream");
+        }
+        let Some(n) = self.neighbours.get(&conn) else { return };
+        if n.expected.is_some_and(|e| e != hello.node) {
+            // The hello must name the node TLS authenticated.
+            return self.ban(now, conn);
+        }
+        if hello.node == self.me {
+            return self.goodbye(now, conn, GoodbyeReason::Duplicate, "connected to self");
+        }
+        if let Some(&other) = self.by_node.get(&hello.node) {
+            // Two connections between the same pair: keep the one dialled by the smaller id.
+            let this_outbound = n.outbound;
+            let keep_this = (self.me < hello.node) == this_outbound;
+            let drop = if keep_this { other } else { conn };
+            self.goodbye(now, drop, GoodbyeReason::Duplicate, "already connected");
+            if drop == conn {
+                return;
+            }
+        }
+        let ready = self.neighbour_count();
+        let outbound = self.neighbours.get(&conn).is_some_and(|n| n.outbound);
+        if !outbound && ready >= self.config.max_neighbours {
+            return self.goodbye(now, conn, GoodbyeReason::Full, "no room; try these peers");
+        }
+        let Some(n) = self.neighbours.get_mut(&conn) else { return };
+        n.node = Some(hello.node);
+        n.role = hello.role;
+        n.listen = hello.listen.clone();
+        n.listen.truncate(crate::wire::MAX_ADDRS);
+        self.by_node.insert(hello.node, conn);
+        if !hello.listen.is_empty() {
+            self.learn(now, NodeAddr { id: hello.node, addrs: hello.listen });
+        }
+        for seq in hello.have.iter() {
+            self.on_have(now, conn, seq);
+        }
+        // Peer exchange right away, so a newcomer learns the swarm quickly.
+        let peers = self.sample_peers(conn, 16);
+        if !peers.is_empty() {
+            self.send(conn, Message::Peers(peers));
+        }
+        self.next_tick = Some(now);
+    }
+
+    fn note_news(&mut self, now: Time, conn: ConnId, seq: u64) {
+        if seq < self.chunks.base() {
+            return;
+        }
+        let first = *self.first_news.entry(seq).or_insert(now);
+        let k = u64::from(self.config.substreams);
+        if let Some(n) = self.neighbours.get_mut(&conn) {
+            n.note_lag((seq % k) as usize, now.saturating_sub(first));
+        }
+        if self.live_edge.is_none_or(|e| seq > e) {
+            // Only trust a neighbour's claim of a far-ahead edge within reason.
+            let plausible = self.live_edge.is_none_or(|e| seq <= e + self.config.window as u64);
+            if plausible {
+                self.live_edge = Some(seq);
+            }
+        }
+    }
+
+    fn on_have(&mut self, now: Time, conn: ConnId, seq: u64) {
+        let Some(n) = self.neighbours.get_mut(&conn) else { return };
+        if n.have.insert(seq, ()) == Insert::Duplicate {
+            return;
+        }
+        self.note_news(now, conn, seq);
+    }
+
+    fn on_request(&mut self, now: Time, conn: ConnId, seqs: Vec<u64>) {
+        let origin = self.config.role == Role::Origin;
+        let newest = self.chunks.end();
+        let Some(n) = self.neighbours.get_mut(&conn) else { return };
+        let mut served = Vec::new();
+        for seq in seqs.into_iter().take(MAX_REQUEST) {
+            if !n.requests_in.take(now, 1.0) {
+                n.stats.requests_refused += 1;
+                if n.stats.requests_refused > 4 * self.config.window as u64 {
+                    // Far beyond any honest need: a flood.
+                    return self.ban(now, conn);
+                }
+                continue;
+            }
+            if origin && !self.origin_repair.take(now, 1.0) {
+                continue;
+            }
+            if let Some(chunk) = self.chunks.get(seq) {
+                served.push(chunk.clone());
+            }
+        }
+        for chunk in served {
+            if self.uploads_in_flight >= self.config.max_upload_queue {
+                self.counters.requests_declined += 1;
+                self.send(conn, Message::Cancel { seq: chunk.seq() });
+                continue;
+            }
+            let priority = urgency(newest, chunk.seq()) + 1;
+            self.send_chunk(conn, chunk, priority);
+        }
+    }
+
+    fn send_chunk(&mut self, conn: ConnId, chunk: Verified, priority: i32) {
+        let bytes = chunk.payload().len() as u64;
+        if let Some(n) = self.neighbours.get_mut(&conn) {
+            n.have.insert(chunk.seq(), ());
+            n.stats.chunks_sent += 1;
+            n.stats.bytes_sent += bytes;
+        }
+        self.counters.chunk_bytes_up += bytes;
+        self.uploads_in_flight += 1;
+        self.outputs.push_back(Output::SendChunk { conn, chunk, priority });
+    }
+
+    fn on_subscribe(&mut self, now: Time, conn: ConnId, substream: u16, substreams: u16, from_seq: u64) {
+        let refuse = substreams != self.config.substreams || substream >= substreams || {
+            let taken_here = self.neighbours.values().filter(|n| n.child_of.contains(&substream)).count();
+            let taken = self.children();
+            let already = self.neighbours.get(&conn).is_some_and(|n| n.child_of.contains(&substream));
+            !already
+                && if self.config.role == Role::Origin {
+                    taken_here >= self.config.origin_fanout
+                } else {
+                    // Spread the slots over the substreams: a chunk pushed to many children at once
+                    // makes the last of them wait for all the others on our uplink.
+                    let per_substream = self.config.push_slots / usize::from(self.config.substreams) + 1;
+                    taken >= self.config.push_slots
+                        || taken_here >= per_substream
+                        || self.parents.get(usize::from(substream)) == Some(&Some(conn))
+                }
+        };
+        if refuse {
+            return self.send(conn, Message::Unsubscribe { substream });
+        }
+        let k = u64::from(substreams);
+        let newest = self.chunks.end();
+        let Some(n) = self.neighbours.get_mut(&conn) else { return };
+        n.child_of.insert(substream);
+        // Catch the child up on what it lacks of this substream from `from_seq` on.
+        let backlog: Vec<Verified> = self
+            .chunks
+            .iter()
+            .filter(|(seq, _)| *seq >= from_seq && seq % k == u64::from(substream) && !n.have.contains(*seq))
+            .map(|(_, c)| c.clone())
+            .collect();
+        let _ = now;
+        for chunk in backlog {
+            let p = urgency(newest, chunk.seq());
+            self.send_chunk(conn, chunk, p);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, now: Time, conn: ConnId, substream: u16) {
+        let s = usize::from(substream);
+        if let Some(n) = self.neighbours.get_mut(&conn) {
+            n.child_of.remove(&substream);
+        }
+        if self.parents.get(s) == Some(&Some(conn)) {
+            self.parents[s] = None;
+            // It refused or dropped us: look elsewhere for a while.
+            self.refused[s].insert(conn, now + 5_000_000);
+            self.next_tick = Some(now);
+        }
+    }
+
+    fn on_pong(&mut self, now: Time, conn: ConnId, sent: u64, reply: u64, their_offset: i64, their_error: u64) {
+        if sent > now {
+            return;
+        }
+        let rtt = now - sent;
+        // NTP with one remote timestamp: their clock at `reply` matches ours at the midpoint.
+        let offset_to_them = reply as i64 - (sent + rtt / 2) as i64;
+        if let Some(n) = self.neighbours.get_mut(&conn) {
+            n.stats.rtt_us = Some(rtt);
+        }
+        if their_error == u64::MAX || self.config.role == Role::Origin {
+            return;
+        }
+        let error = their_error.saturating_add(rtt / 2);
+        // Keep the best estimate, letting it age so a better path can replace it.
+        let current = self.origin_offset.1.saturating_add(1_000);
+        if error <= current {
+            self.origin_offset = (offset_to_them.saturating_add(their_offset), error);
+        } else {
+            self.origin_offset.1 = current;
+        }
+    }
+
+    /// Stores a verified chunk (first copy only), pushes it to children, announces it, and feeds
+    /// playback.
+    fn store(&mut self, now: Time, chunk: Verified, path: Path, from: Option<ConnId>) {
+        let seq = chunk.seq();
+        if self.chunks.contains(seq) {
+            self.counters.duplicates += 1;
+            if let Some(n) = from.and_then(|c| self.neighbours.get_mut(&c)) {
+                n.stats.duplicates_received += 1;
+            }
+            return;
+        }
+        if seq < self.chunks.base() {
+            return;
+        }
+        // A chunk far ahead of everything (stream restart, or a big gap) re-bases the window.
+        if self.chunks.is_empty() && self.chunks.base() == 0 {
+            self.chunks.advance_to(seq.saturating_sub(self.config.window as u64 / 2));
+        }
+        self.chunks.insert(seq, chunk.clone());
+        let base = self.chunks.base();
+        self.first_news = self.first_news.split_off(&base);
+        match path {
+            Path::Push => self.counters.push += 1,
+            Path::Pull => self.counters.pull += 1,
+            Path::Local => {}
+        }
+        if let Some((c, _)) = self.requests.get(&seq).copied() {
+            self.requests.remove(&seq);
+            if Some(c) != from {
+                // It came another way: the request is moot.
+                self.send(c, Message::Cancel { seq });
+            }
+        }
+        let h = *chunk.header();
+        if self.reference.is_none_or(|(s, _, _)| seq >= s) {
+            self.reference = Some((seq, h.capture_us, h.duration_us));
+        }
+        if self.live_edge.is_none_or(|e| seq > e) {
+            self.live_edge = Some(seq);
+        }
+        self.outputs.push_back(Output::Arrived { seq, capture_us: h.capture_us, bytes: chunk.payload().len(), path });
+
+        // Announce it to every neighbour that lacks it, children included (so a child knows the push
+        // is on its way and does not pull it elsewhere), then push it to the children of its substream.
+        let k = u64::from(self.config.substreams);
+        let substream = (seq % k) as u16;
+        let newest = self.chunks.end();
+        let mut children = Vec::new();
+        for conn in self.ready_neighbours() {
+            let Some(n) = self.neighbours.get(&conn) else { continue };
+            if Some(conn) == from || n.have.contains(seq) {
+                continue;
+            }
+            if n.child_of.contains(&substream) {
+                children.push(conn);
+            }
+            self.send(conn, Message::Have { seq });
+        }
+        for conn in children {
+            self.send_chunk(conn, chunk.clone(), PUSH_PRIORITY + urgency(newest, seq));
+        }
+        self.advance_playback(now);
+    }
+
+    /// The capture time of `seq`, exact when stored, else estimated from a reference chunk.
+    fn capture_estimate(&self, seq: u64) -> Option<u64> {
+        if let Some(c) = self.chunks.get(seq) {
+            return Some(c.header().capture_us);
+        }
+        let (s, cap, dur) = self.reference?;
+        let d = i128::from(seq) - i128::from(s);
+        let t = i128::from(cap) + d * i128::from(dur);
+        u64::try_from(t).ok()
+    }
+
+    /// The deadline of `seq` on our clock: capture time (origin clock) + target latency − origin offset.
+    fn deadline(&self, seq: u64) -> Option<Time> {
+        let cap = self.capture_estimate(seq)?;
+        let t = i128::from(cap) + i128::from(self.config.target_latency_us) - i128::from(self.origin_offset.0);
+        u64::try_from(t).ok()
+    }
+
+    fn advance_playback(&mut self, now: Time) {
+        if self.config.role == Role::Origin {
+            return;
+        }
+        if self.cursor.is_none() {
+            let (Some(edge), Some((_, _, dur))) = (self.live_edge, self.reference) else { return };
+            // Start as far back as the target latency allows while leaving time to fetch the chunk:
+            // the first chunk whose deadline is at least a quarter of the latency away.
+            let back = self.config.target_latency_us / u64::from(dur.max(1));
+            let margin = self.config.target_latency_us / 4;
+            let first = edge.saturating_sub(back).max(self.chunks.base());
+            let start =
+                (first..=edge).find(|&seq| self.deadline(seq).is_some_and(|d| d > now + margin)).unwrap_or(edge);
+            self.cursor = Some(start);
+        }
+        if !self.cursor_started
+            && let Some(from) = self.cursor
+        {
+            // Not playing yet: start at the first random-access chunk we hold from the cursor on,
+            // rather than waiting for the one at the cursor itself.
+            if let Some((seq, _)) = self.chunks.iter().find(|(seq, c)| *seq >= from && c.header().is_random_access()) {
+                self.cursor = Some(seq);
+            }
+        }
+        let mut guard = 0;
+        while let Some(seq) = self.cursor {
+            guard += 1;
+            if guard > 2 * self.config.window + 8 {
+                break;
+            }
+            if seq < self.chunks.base() {
+                // Fell out of the window: everything up to the base was missed.
+                if self.cursor_started {
+                    self.counters.skipped += 1;
+                    self.outputs.push_back(Output::Skip { seq });
+                }
+                self.cursor = Some(seq + 1);
+                continue;
+            }
+            if let Some(chunk) = self.chunks.get(seq) {
+                if !self.cursor_started {
+                    if !chunk.header().is_random_access() {
+                        self.cursor = Some(seq + 1);
+                        continue;
+                    }
+                    self.cursor_started = true;
+                }
+                let chunk = chunk.clone();
+                self.ended |= chunk.header().flags.contains(crate::chunk::Flags::END_OF_STREAM);
+                self.counters.delivered += 1;
+                self.outputs.push_back(Output::Deliver(chunk));
+                self.cursor = Some(seq + 1);
+                continue;
+            }
+            match self.deadline(seq) {
+                Some(d) if now > d && self.live_edge.is_some_and(|e| e > seq) => {
+                    if self.cursor_started {
+                        self.counters.skipped += 1;
+                        self.outputs.push_back(Output::Skip { seq });
+                    }
+                    self.cursor = Some(seq + 1);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn expire_requests(&mut self, now: Time) {
+        let expired: Vec<(u64, ConnId)> =
+            self.requests.iter().filter(|(_, (_, t))| *t <= now).map(|(s, (c, _))| (*s, *c)).collect();
+        for (seq, conn) in expired {
+            self.requests.remove(&seq);
+            self.counters.request_timeouts += 1;
+            if let Some(n) = self.neighbours.get_mut(&conn) {
+                n.stats.request_timeouts += 1;
+                n.timeouts_in_a_row += 1;
+                // It claimed to have it but did not deliver: stop believing that claim, and after
+                // repeated failures stop asking it for a while.
+                n.have.remove(seq);
+                if n.timeouts_in_a_row >= 3 {
+                    n.busy_until = now + 10 * self.config.request_timeout_us;
+                }
+            }
+        }
+    }
+
+    /// Pull repair: request chunks that neighbours have and the push tree has not brought.
+    fn repair(&mut self, now: Time) {
+        if self.config.role == Role::Origin {
+            return;
+        }
+        let Some(edge) = self.live_edge else { return };
+        // Before the first chunk has arrived there is no cursor: fetch the newest few at once, so
+        // playback can start without waiting for the push tree to form.
+        let bootstrapping = self.reference.is_none();
+        let start = self.cursor.unwrap_or(edge.saturating_sub(2)).max(self.chunks.base());
+        let k = u64::from(self.config.substreams);
+        struct Want {
+            seq: u64,
+            urgent: bool,
+            slack: i128,
+            holders: usize,
+        }
+        let mut wants = Vec::new();
+        for seq in start..=edge {
+            if self.chunks.contains(seq) || self.requests.contains_key(&seq) {
+                continue;
+            }
+            let Some(&heard) = self.first_news.get(&seq) else { continue };
+            let s = (seq % k) as usize;
+            if let Some(p) = self.parents[s]
+                && now > heard + 2 * self.config.request_timeout_us
+                && self.neighbours.get(&p).is_some_and(|n| n.have.contains(seq))
+            {
+                // The parent announced it long ago and never pushed it: a stalled parent.
+                self.parents[s] = None;
+                self.refused[s].insert(p, now + 30_000_000);
+                self.counters.parent_changes += 1;
+                self.send(p, Message::Unsubscribe { substream: s as u16 });
+            }
+            let holders = self.neighbours.values().filter(|n| n.hello_done() && n.have.contains(seq)).count();
+            if holders == 0 {
+                continue;
+            }
+            let deadline = self.deadline(seq).map_or(i128::MAX, i128::from);
+            let slack = deadline - i128::from(now);
+            // A parent that has announced the chunk is pushing it: give the push time to land.
+            let parent = self.parents[(seq % k) as usize].and_then(|p| self.neighbours.get(&p));
+            let grace = match parent {
+                _ if bootstrapping => 0,
+                Some(p) if p.have.contains(seq) => self.config.request_timeout_us,
+                Some(_) => self.config.pull_grace_us,
+                None => 0,
+            };
+            let urgent = slack < i128::from(self.config.target_latency_us / 4);
+            if now < heard + grace && !urgent {
+                continue;
+            }
+            wants.push(Want { seq, urgent, slack, holders });
+        }
+        // Earliest deadline first near the deadline, rarest first further out.
+        wants.sort_by_key(|w| (!w.urgent, if w.urgent { w.slack } else { w.holders as i128 }, w.seq));
+        let mut batches: BTreeMap<ConnId, Vec<u64>> = BTreeMap::new();
+        for w in wants {
+            let best = self
+                .neighbours
+                .iter()
+                .filter(|(_, n)| n.hello_done() && n.have.contains(w.seq) && n.busy_until <= now)
+                .filter(|(c, n)| {
+                    n.requests_out + batches.get(c).map_or(0, Vec::len) < self.config.max_requests_per_neighbour
+                })
+                .map(|(c, n)| {
+                    let load = n.requests_out + batches.get(c).map_or(0, Vec::len);
+                    // The origin serves repair only when nobody else can; among the rest, the least
+                    // loaded, then a random one, so repair load spreads instead of piling on one node.
+                    ((n.role == Role::Origin, load, self.rng.u32(..)), *c)
+                })
+                .min()
+                .map(|(_, c)| c);
+            if let Some(c) = best {
+                batches.entry(c).or_default().push(w.seq);
+            }
+        }
+        for (conn, seqs) in batches {
+            for &seq in &seqs {
+                self.requests.insert(seq, (conn, now + self.config.request_timeout_us));
+            }
+            self.counters.requests_sent += seqs.len() as u64;
+            if let Some(n) = self.neighbours.get_mut(&conn) {
+                n.requests_out += seqs.len();
+            }
+            self.send(conn, Message::Request { seqs });
+        }
+        // Recount in-flight requests per neighbour (cheap and never drifts).
+        for n in self.neighbours.values_mut() {
+            n.requests_out = 0;
+        }
+        for (c, _) in self.requests.values() {
+            if let Some(n) = self.neighbours.get_mut(c) {
+                n.requests_out += 1;
+            }
+        }
+    }
+
+    /// Picks or replaces the parent of each substream.
+    fn choose_parents(&mut self, now: Time) {
+        let k = self.parents.len();
+        for s in 0..k {
+            self.refused[s].retain(|_, until| *until > now);
+            let candidates: Vec<(ConnId, u64)> = self
+                .neighbours
+                .iter()
+                .filter(|(c, n)| {
+                    n.hello_done() && !n.child_of.contains(&(s as u16)) && !self.refused[s].contains_key(c)
+                })
+                .map(|(c, n)| (*c, n.lag_score(s)))
+                .collect();
+            let best = candidates.iter().min_by_key(|(c, score)| (*score, *c)).copied();
+            let Some((best, best_score)) = best else { continue };
+            let replace = match self.parents[s] {
+                None => true,
+                Some(p) => {
+                    let score = candidates.iter().find(|(c, _)| *c == p).map_or(u64::MAX, |(_, sc)| *sc);
+                    // Hysteresis: switch only for a clear gain, so trees stay stable.
+                    best != p && score > best_score.saturating_add(self.config.pull_grace_us / 2 + 20_000)
+                }
+            };
+            if !replace {
+                continue;
+            }
+            if let Some(old) = self.parents[s].take() {
+                self.counters.parent_changes += 1;
+                self.send(old, Message::Unsubscribe { substream: s as u16 });
+            }
+            self.parents[s] = Some(best);
+            let from_seq = self.cursor.unwrap_or(0).max(self.chunks.base());
+            self.send(best, Message::Subscribe { substream: s as u16, substreams: self.config.substreams, from_seq });
+        }
+    }
+
+    fn maintain_membership(&mut self, now: Time) {
+        // Dial until we have enough neighbours.
+        let have = self.neighbours.len() + self.dialing.len();
+        if have < self.config.target_neighbours {
+            let mut candidates: Vec<NodeId> = self
+                .known
+                .iter()
+                .filter(|(id, k)| {
+                    k.banned_until <= now
+                        && k.retry_at <= now
+                        && !self.by_node.contains_key(*id)
+                        && !self.dialing.contains(*id)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            candidates.sort_unstable();
+            self.rng.shuffle(&mut candidates);
+            for id in candidates.into_iter().take(self.config.target_neighbours - have) {
+                let Some(k) = self.known.get_mut(&id) else { continue };
+                k.retry_at = now + 3_000_000;
+                self.dialing.insert(id);
+                self.outputs.push_back(Output::Connect(NodeAddr { id, addrs: k.addrs.clone() }));
+            }
+        }
+        // Periodic peer exchange and buffer-map refresh.
+        if now >= self.next_peer_exchange {
+            self.next_peer_exchange = now + 5_000_000;
+            for conn in self.ready_neighbours() {
+                let peers = self.sample_peers(conn, 8);
+                if !peers.is_empty() {
+                    self.send(conn, Message::Peers(peers));
+                }
+            }
+        }
+        // Drop handshakes that never completed.
+        let stale: Vec<ConnId> = self
+            .neighbours
+            .iter()
+            .filter(|(_, n)| !n.hello_done() && now.saturating_sub(n.since) > 10_000_000)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in stale {
+            self.goodbye(now, c, GoodbyeReason::Useless, "no hello");
+        }
+    }
+}
+
+/// Pushed chunks go ahead of repair answers on our uplink: the push tree is what keeps everyone fed.
+const PUSH_PRIORITY: i32 = 100_000;
+
+/// Stream priority for a chunk: older (closer to its deadline) is more urgent.
+fn urgency(end: u64, seq: u64) -> i32 {
+    end.saturating_sub(seq).min(10_000) as i32
+}
+
+fn approx_frame_len(m: &Message) -> usize {
+    match m {
+        Message::Have { .. } | Message::Cancel { .. } => 13,
+        Message::Request { seqs } => 7 + 8 * seqs.len(),
+        Message::Ping { .. } => 21,
+        Message::Pong { .. } => 45,
+        Message::Subscribe { .. } => 17,
+        Message::Unsubscribe { .. } => 7,
+        other => other.to_frame().len(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! What a node keeps about each neighbour: what it has, what it subscribed to, how early its news
+//! arrives, and its request budget.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use super::Time;
+use crate::keys::NodeId;
+use crate::window::Window;
+use crate::wire::Role;
+
+/// A connection, numbered by the driver. Never reused while the node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Per-neighbour accounting, for stats and decisions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NeighbourStats {
+    /// Chunks received from it (including duplicates).
+    pub chunks_received: u64,
+    /// Of those, chunks we already had.
+    pub duplicates_received: u64,
+    /// Chunk payload bytes received from it.
+    pub bytes_received: u64,
+    /// Chunks sent to it.
+    pub chunks_sent: u64,
+    /// Chunk payload bytes sent to it.
+    pub bytes_sent: u64,
+    /// Control messages received from it.
+    pub messages_received: u64,
+    /// Requests from it refused for being over budget.
+    pub requests_refused: u64,
+    /// Our requests to it that timed out.
+    pub request_timeouts: u64,
+    /// Round-trip time from the last ping, µs.
+    pub rtt_us: Option<u64>,
+}
+
+/// A simple token bucket in the state machine's time.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenBucket {
+    rate_per_s: f64,
+    burst: f64,
+    tokens: f64,
+    last: Time,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate_per_s: f64, burst: f64) -> Self {
+        TokenBucket { rate_per_s, burst, tokens: burst, last: 0 }
+    }
+    /// Takes `n` tokens if there are enough.
+    pub(crate) fn take(&mut self, now: Time, n: f64) -> bool {
+        if now > self.last {
+            self.tokens = (self.tokens + (now - self.last) as f64 * self.rate_per_s / 1e6).min(self.burst);
+            self.last = now;
+        }
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One connection's state.
+#[derive(Debug, Clone)]
+pub(crate) struct Neighbour {
+    /// The node TLS authenticated; the hello must agree.
+    pub(crate) expected: Option<NodeId>,
+    /// Set once its hello has been accepted.
+    pub(crate) node: Option<NodeId>,
+    pub(crate) role: Role,
+    pub(crate) listen: Vec<SocketAddr>,
+    #[allow(dead_code)]
+    pub(crate) addr: SocketAddr,
+    pub(crate) outbound: bool,
+    pub(crate) since: Time,
+    pub(crate) last_useful: Time,
+    /// Sequence numbers it has (announced, sent to us, or sent by us).
+    pub(crate) have: Window<()>,
+    /// Substreams it subscribed to from us.
+    pub(crate) child_of: BTreeSet<u16>,
+    /// Per substream: moving average of how far its news lags the first news, µs.
+    lag: Vec<Option<u64>>,
+    /// Our requests in flight to it.
+    pub(crate) requests_out: usize,
+    /// It declined a request, or keeps failing them: do not ask it again before this.
+    pub(crate) busy_until: Time,
+    /// Our requests to it that timed out since it last delivered a chunk.
+    pub(crate) timeouts_in_a_row: u32,
+    /// Budget for its requests to us.
+    pub(crate) requests_in: TokenBucket,
+    pub(crate) stats: NeighbourStats,
+}
+
+impl Neighbour {
+    pub(crate) fn new(now: Time, addr: SocketAddr, outbound: bool, window: usize) -> Self {
+        Neighbour {
+            expected: None,
+            node: None,
+            role: Role::Relay,
+            listen: Vec::new(),
+            addr,
+            outbound,
+            since: now,
+            last_useful: now,
+            // Twice the window, so announcements slightly ahead of ours still fit.
+            have: Window::new(window * 2, 0),
+            child_of: BTreeSet::new(),
+            lag: Vec::new(),
+            requests_out: 0,
+            busy_until: 0,
+            timeouts_in_a_row: 0,
+            // An honest node asks for at most a window's worth at once, then a few chunks a second.
+            requests_in: TokenBucket::new(32.0, (window * 2) as f64),
+            stats: NeighbourStats::default(),
+        }
+    }
+
+    pub(crate) fn hello_done(&self) -> bool {
+        self.node.is_some()
+    }
+
+    pub(crate) fn note_lag(&mut self, substream: usize, lag_us: u64) {
+        if self.lag.len() <= substream {
+            self.lag.resize(substream + 1, None);
+        }
+        let l = &mut self.lag[substream];
+        *l = Some(match *l {
+            None => lag_us,
+            Some(old) => (old * 7 + lag_us) / 8,
+        });
+    }
+
+    /// Lower is a better parent: its measured lag, or for an unmeasured neighbour a middling guess
+    /// (the origin counts as zero lag).
+    pub(crate) fn lag_score(&self, substream: usize) -> u64 {
+        if self.role == Role::Origin {
+            return 0;
+        }
+        self.lag.get(substream).copied().flatten().unwrap_or(500_000)
+    }
+}

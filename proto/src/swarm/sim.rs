@@ -1,0 +1,673 @@
+//! A discrete-event simulator: many [`Swarm`] state machines in virtual time.
+//!
+//! The network model is deliberately simple and written down here so results can be read against it:
+//!
+//! - Every node has a position in a unit square (a synthetic geography). The one-way delay between two
+//!   nodes is `base_delay_us + distance × distance_delay_us` plus uniform jitter up to `jitter_us`.
+//! - Every node has an upload rate. Chunk streams leave a node one after another at that rate (a FIFO
+//!   uplink); control messages are small and skip the queue (QUIC interleaves streams). Download is
+//!   unlimited, and there is no packet loss or congestion inside the network.
+//! - A chunk's real payload is small (so signing and hashing cost little), but it occupies the uplink
+//!   for `chunk_bytes`, the size a chunk of the configured bitrate would have.
+//! - Connections come up after one round trip. A node that leaves without a goodbye is noticed by its
+//!   neighbours after `idle_timeout_us`, as QUIC's idle timeout would.
+//!
+//! Honest nodes pass [`Verified`] chunks to each other (a simulated link does not corrupt bytes);
+//! adversaries send raw [`Received`] chunks that the receiving side verifies, exactly as the real
+//! driver does, so a forged chunk is caught by the same code path.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+
+use bytes::Bytes;
+
+use super::{Config, ConnId, Misbehaviour, Output, Path, Swarm, Time};
+use crate::chunk::{Flags, Received, Verified, Verifier};
+use crate::keys::{NodeId, NodeKey, StreamKey};
+use crate::wire::{Message, NodeAddr, Role};
+
+/// How a simulated node misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adversary {
+    /// Every chunk it sends has one payload byte flipped (hash mismatch).
+    ForgePayload,
+    /// Every chunk it sends is signed by another key.
+    WrongKey,
+    /// Accepts subscriptions and announces chunks, but never sends a chunk.
+    Silent,
+}
+
+/// One simulated node.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Upload rate, bits per second.
+    pub upload_bps: u64,
+    /// Position in the unit square.
+    pub pos: (f64, f64),
+    /// When it joins, µs of virtual time.
+    pub join_at: Time,
+    /// When it leaves without a goodbye, if it does.
+    pub leave_at: Option<Time>,
+    /// Misbehaviour, if any.
+    pub adversary: Option<Adversary>,
+}
+
+/// The whole scenario.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Seed for everything random.
+    pub seed: u64,
+    /// How long the stream runs, µs.
+    pub duration_us: Time,
+    /// Chunk duration, µs.
+    pub chunk_us: u32,
+    /// Stream bitrate, bits per second (gives the modelled chunk size).
+    pub bitrate_bps: u64,
+    /// A random-access chunk every this many chunks.
+    pub random_access_every: u64,
+    /// Fixed part of the one-way delay, µs.
+    pub base_delay_us: u64,
+    /// Delay per unit of distance, µs.
+    pub distance_delay_us: u64,
+    /// Uniform jitter bound, µs.
+    pub jitter_us: u64,
+    /// How long until a vanished neighbour is noticed, µs.
+    pub idle_timeout_us: u64,
+    /// The origin's upload rate, bits per second.
+    pub origin_upload_bps: u64,
+    /// The origin's position.
+    pub origin_pos: (f64, f64),
+    /// Settings of every node (role and seed are set per node).
+    pub swarm: Config,
+    /// The nodes other than the origin.
+    pub nodes: Vec<NodeSpec>,
+    /// How many early-joining nodes the ticket names besides the origin.
+    pub extra_bootstrap: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            seed: 1,
+            duration_us: 20_000_000,
+            chunk_us: 250_000,
+            bitrate_bps: 2_500_000,
+            random_access_every: 4,
+            base_delay_us: 10_000,
+            distance_delay_us: 40_000,
+            jitter_us: 2_000,
+            idle_timeout_us: 3_000_000,
+            origin_upload_bps: 20_000_000,
+            origin_pos: (0.5, 0.5),
+            swarm: Config::default(),
+            nodes: Vec::new(),
+            extra_bootstrap: 0,
+        }
+    }
+}
+
+/// What one node saw.
+#[derive(Debug, Clone, Default)]
+pub struct NodeResult {
+    /// Index in [`SimConfig::nodes`] (the origin is not listed).
+    pub index: usize,
+    /// Whether it was an adversary.
+    pub adversary: bool,
+    /// When it joined.
+    pub joined_at: Time,
+    /// Whether it was still there at the end.
+    pub present_at_end: bool,
+    /// Arrival latency (arrival − capture) of every chunk it stored, µs, in arrival order.
+    pub latencies_us: Vec<(Time, u64)>,
+    /// Chunks delivered in order at its playback cursor.
+    pub delivered: u64,
+    /// Chunks skipped at their deadline.
+    pub skipped: u64,
+    /// Delivered chunks that were not the origin's (must be zero).
+    pub forged_delivered: u64,
+    /// Time of its first delivered chunk.
+    pub first_delivery_at: Option<Time>,
+    /// The state machine's counters at the end.
+    pub counters: super::Counters,
+    /// Most chunks held at once in its window.
+    pub max_window_len: usize,
+    /// Its playback cursor and live edge at the end.
+    pub cursor_and_edge: (Option<u64>, Option<u64>),
+    /// Its node id, short form.
+    pub id: String,
+    /// Its push-tree depth at the end (hops from the origin along parents), if it could be traced.
+    pub depth: Option<u32>,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default)]
+pub struct SimResult {
+    /// Per node (adversaries included, flagged).
+    pub nodes: Vec<NodeResult>,
+    /// Chunks published.
+    pub published: u64,
+    /// Chunk payload bytes (modelled) the origin uploaded.
+    pub origin_bytes_up: u64,
+    /// Stream bytes (modelled) published.
+    pub stream_bytes: u64,
+    /// Control bytes sent by all nodes.
+    pub control_bytes: u64,
+    /// Chunk bytes (modelled) sent by all nodes.
+    pub chunk_bytes: u64,
+    /// Chunks from adversaries that any honest node relayed or delivered (must be zero).
+    pub forged_relayed: u64,
+    /// Events processed.
+    pub events: u64,
+}
+
+enum Payload {
+    Message(Message),
+    Chunk(Verified),
+    Raw(Received),
+}
+
+enum Event {
+    Publish,
+    Timer(usize),
+    Join(usize),
+    Leave(usize),
+    Connected { node: usize, conn: ConnId, peer: usize, outbound: bool },
+    ConnectFailed { node: usize, peer: NodeId },
+    Arrive { to: usize, conn: ConnId, payload: Payload },
+    Closed { node: usize, conn: ConnId },
+    Sent { node: usize, conn: ConnId, seq: u64 },
+    UplinkFree(usize),
+}
+
+struct SimNode {
+    swarm: Option<Swarm>,
+    key: NodeKey,
+    pos: (f64, f64),
+    upload_bps: u64,
+    /// Chunk streams waiting for the uplink: (priority, order) -> (conn, seq, payload).
+    uplink: std::collections::BTreeMap<(Reverse<i32>, u64), (ConnId, u64, Payload)>,
+    uplink_busy: bool,
+    timer: Option<Time>,
+    adversary: Option<Adversary>,
+}
+
+/// The simulator. Build with [`Sim::new`], run with [`Sim::run`].
+pub struct Sim {
+    cfg: SimConfig,
+    rng: fastrand::Rng,
+    now: Time,
+    queue: BinaryHeap<Reverse<(Time, u64)>>,
+    events: HashMap<u64, Event>,
+    next_event: u64,
+    nodes: Vec<SimNode>,
+    by_id: HashMap<NodeId, usize>,
+    /// conn -> (owner, peer, peer's conn)
+    conns: std::collections::BTreeMap<ConnId, (usize, usize, ConnId)>,
+    /// Per receiving conn: the latest arrival scheduled, so each connection stays in order (QUIC's
+    /// control stream is ordered; chunk streams are not, but a chunk is never reordered with itself).
+    fifo: HashMap<ConnId, Time>,
+    next_conn: u64,
+    stream_key: StreamKey,
+    verifier: Verifier,
+    forger: StreamKey,
+    next_seq: u64,
+    results: Vec<NodeResult>,
+    out: SimResult,
+    chunk_bytes: u64,
+    origin_chunks: HashMap<u64, [u8; 32]>,
+}
+
+/// The fake address of simulated node `i` (never used on a real socket).
+pub fn sim_addr(i: usize) -> SocketAddr {
+    let i = i as u32 + 1;
+    SocketAddr::from((Ipv4Addr::new(127, (i >> 16) as u8, (i >> 8) as u8, i as u8), 4433))
+}
+
+impl Sim {
+    /// Prepares a run. Node 0 is the origin; `cfg.nodes[i]` is node `i + 1`.
+    pub fn new(cfg: SimConfig) -> Self {
+        let mut rng = fastrand::Rng::with_seed(cfg.seed);
+        let mut seed_bytes = || {
+            let mut b = [0u8; 32];
+            for x in b.iter_mut() {
+                *x = rng.u8(..);
+            }
+            b
+        };
+        let stream_key = StreamKey::from_secret_bytes(seed_bytes());
+        let forger = StreamKey::from_secret_bytes(seed_bytes());
+        let mut keys: Vec<NodeKey> = Vec::new();
+        for _ in 0..=cfg.nodes.len() {
+            keys.push(NodeKey::from_secret_bytes(seed_bytes()));
+        }
+        let verifier = Verifier::new(stream_key.id()).unwrap_or_else(|_| unreachable!("a generated key is valid"));
+        let chunk_bytes = cfg.bitrate_bps * u64::from(cfg.chunk_us) / 8 / 1_000_000;
+        let mut sim = Sim {
+            rng: fastrand::Rng::with_seed(cfg.seed ^ 0x5eed),
+            now: 1_700_000_000_000_000,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            next_event: 0,
+            nodes: Vec::new(),
+            by_id: HashMap::new(),
+            conns: Default::default(),
+            fifo: HashMap::new(),
+            next_conn: 1,
+            stream_key,
+            verifier,
+            forger,
+            next_seq: 1000,
+            results: Vec::new(),
+            out: SimResult::default(),
+            chunk_bytes,
+            origin_chunks: HashMap::new(),
+            cfg,
+        };
+        let start = sim.now;
+        for (i, key) in keys.into_iter().enumerate() {
+            let (pos, upload_bps, adversary) = if i == 0 {
+                (sim.cfg.origin_pos, sim.cfg.origin_upload_bps, None)
+            } else {
+                let spec = &sim.cfg.nodes[i - 1];
+                (spec.pos, spec.upload_bps, spec.adversary)
+            };
+            sim.by_id.insert(key.id(), i);
+            sim.nodes.push(SimNode {
+                swarm: None,
+                key,
+                pos,
+                upload_bps,
+                uplink: Default::default(),
+                uplink_busy: false,
+                timer: None,
+                adversary,
+            });
+        }
+        for i in 0..sim.cfg.nodes.len() {
+            let spec = sim.cfg.nodes[i].clone();
+            sim.results.push(NodeResult {
+                index: i,
+                adversary: spec.adversary.is_some(),
+                joined_at: spec.join_at,
+                ..Default::default()
+            });
+            sim.schedule(start + spec.join_at, Event::Join(i + 1));
+            if let Some(t) = spec.leave_at {
+                sim.schedule(start + t, Event::Leave(i + 1));
+            }
+        }
+        sim.start_node(0);
+        sim.schedule(start + 500_000, Event::Publish);
+        sim
+    }
+
+    fn schedule(&mut self, at: Time, event: Event) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.events.insert(id, event);
+        self.queue.push(Reverse((at, id)));
+    }
+
+    fn delay(&mut self, a: usize, b: usize) -> Time {
+        let (pa, pb) = (self.nodes[a].pos, self.nodes[b].pos);
+        let d = ((pa.0 - pb.0).powi(2) + (pa.1 - pb.1).powi(2)).sqrt();
+        let jitter = if self.cfg.jitter_us > 0 { self.rng.u64(0..=self.cfg.jitter_us) } else { 0 };
+        self.cfg.base_delay_us + (d * self.cfg.distance_delay_us as f64) as u64 + jitter
+    }
+
+    /// Schedules an arrival on `conn`, never before an earlier arrival on the same connection.
+    fn arrive(&mut self, at: Time, to: usize, conn: ConnId, payload: Payload) {
+        let at = self.fifo.get(&conn).map_or(at, |&last| at.max(last));
+        self.fifo.insert(conn, at);
+        self.schedule(at, Event::Arrive { to, conn, payload });
+    }
+
+    fn bootstrap(&self) -> Vec<NodeAddr> {
+        let mut v = vec![NodeAddr { id: self.nodes[0].key.id(), addrs: vec![sim_addr(0)] }];
+        for i in 1..=self.cfg.extra_bootstrap.min(self.cfg.nodes.len()) {
+            v.push(NodeAddr { id: self.nodes[i].key.id(), addrs: vec![sim_addr(i)] });
+        }
+        v
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let mut config = self.cfg.swarm.clone();
+        config.role = if i == 0 { Role::Origin } else { Role::Relay };
+        config.seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
+        config.listen = vec![sim_addr(i)];
+        if i != 0 {
+            // Push budget from upload: each (child, substream) costs bitrate / K.
+            let per_slot = self.cfg.bitrate_bps as f64 / f64::from(config.substreams.max(1));
+            let slots = (self.nodes[i].upload_bps as f64 * 0.8 / per_slot).floor() as usize;
+            config.push_slots = slots.min(config.push_slots.max(1) * 2);
+        }
+        let mut swarm = Swarm::new(config, self.stream_key.id(), self.nodes[i].key.id());
+        if i != 0 {
+            let boot: Vec<NodeAddr> = self.bootstrap().into_iter().filter(|p| p.id != self.nodes[i].key.id()).collect();
+            swarm.add_peers(self.now, boot);
+        }
+        self.nodes[i].swarm = Some(swarm);
+        self.pump(i);
+    }
+
+    /// Runs to the end and returns what every node saw.
+    pub fn run(mut self) -> SimResult {
+        let end = self.now + self.cfg.duration_us + 1_500_000;
+        while let Some(Reverse((at, id))) = self.queue.pop() {
+            if at > end {
+                break;
+            }
+            let Some(event) = self.events.remove(&id) else { continue };
+            self.now = at;
+            self.out.events += 1;
+            self.handle(event);
+        }
+        self.finish()
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now;
+        match event {
+            Event::Publish => {
+                let start = self.now - (self.next_seq - 1000) * u64::from(self.cfg.chunk_us);
+                let _ = start;
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let idx = seq - 1000;
+                let mut flags = Flags::empty();
+                if idx % self.cfg.random_access_every.max(1) == 0 {
+                    flags |= Flags::RANDOM_ACCESS;
+                }
+                let payload = Bytes::from(seq.to_be_bytes().to_vec());
+                let chunk = Verified::sign(&self.stream_key, seq, now, self.cfg.chunk_us, flags, payload);
+                self.origin_chunks.insert(seq, chunk.header().payload_hash);
+                self.out.published += 1;
+                self.out.stream_bytes += self.chunk_bytes;
+                if let Some(s) = self.nodes[0].swarm.as_mut() {
+                    s.publish(now, chunk);
+                }
+                self.pump(0);
+                let published_for = idx * u64::from(self.cfg.chunk_us);
+                if published_for + u64::from(self.cfg.chunk_us) < self.cfg.duration_us {
+                    self.schedule(now + u64::from(self.cfg.chunk_us), Event::Publish);
+                }
+            }
+            Event::Timer(i) => {
+                if self.nodes[i].timer == Some(now) {
+                    self.nodes[i].timer = None;
+                    if let Some(s) = self.nodes[i].swarm.as_mut() {
+                        s.handle_timeout(now);
+                    }
+                    self.pump(i);
+                }
+            }
+            Event::Join(i) => self.start_node(i),
+            Event::Leave(i) => {
+                if let Some(s) = self.nodes[i].swarm.take() {
+                    self.record_end(i, &s, false);
+                }
+                let gone: Vec<ConnId> = self.conns.iter().filter(|(_, (o, _, _))| *o == i).map(|(c, _)| *c).collect();
+                for c in gone {
+                    if let Some((_, peer, peer_conn)) = self.conns.remove(&c) {
+                        let t = now + self.cfg.idle_timeout_us;
+                        self.schedule(t, Event::Closed { node: peer, conn: peer_conn });
+                    }
+                }
+            }
+            Event::Connected { node, conn, peer, outbound } => {
+                if !self.conns.contains_key(&conn) {
+                    return;
+                }
+                let peer_id = self.nodes[peer].key.id();
+                let addr = sim_addr(peer);
+                if let Some(s) = self.nodes[node].swarm.as_mut() {
+                    s.handle_connected(now, conn, peer_id, addr, outbound);
+                }
+                self.pump(node);
+            }
+            Event::ConnectFailed { node, peer } => {
+                if let Some(s) = self.nodes[node].swarm.as_mut() {
+                    s.handle_connect_failed(now, peer);
+                }
+                self.pump(node);
+            }
+            Event::Arrive { to, conn, payload } => {
+                if !self.conns.contains_key(&conn) || self.nodes[to].swarm.is_none() {
+                    return;
+                }
+                match payload {
+                    Payload::Message(m) => {
+                        if let Some(s) = self.nodes[to].swarm.as_mut() {
+                            s.handle_message(now, conn, m);
+                        }
+                    }
+                    Payload::Chunk(c) => {
+                        if let Some(s) = self.nodes[to].swarm.as_mut() {
+                            s.handle_chunk(now, conn, c);
+                        }
+                    }
+                    Payload::Raw(r) => match r.verify(&self.verifier) {
+                        Ok(c) => {
+                            if let Some(s) = self.nodes[to].swarm.as_mut() {
+                                s.handle_chunk(now, conn, c);
+                            }
+                        }
+                        Err(_) => {
+                            if let Some(s) = self.nodes[to].swarm.as_mut() {
+                                s.handle_misbehaviour(now, conn, Misbehaviour::BadChunk);
+                            }
+                        }
+                    },
+                }
+                self.pump(to);
+            }
+            Event::Sent { node, conn, seq } => {
+                if let Some(s) = self.nodes[node].swarm.as_mut() {
+                    s.handle_chunk_sent(now, conn, seq);
+                }
+                self.pump(node);
+            }
+            Event::UplinkFree(i) => {
+                self.nodes[i].uplink_busy = false;
+                self.start_upload(i);
+            }
+            Event::Closed { node, conn } => {
+                self.conns.remove(&conn);
+                self.fifo.remove(&conn);
+                if let Some(s) = self.nodes[node].swarm.as_mut() {
+                    s.handle_disconnected(now, conn);
+                }
+                self.pump(node);
+            }
+        }
+    }
+
+    /// Carries out everything node `i` wants done.
+    fn pump(&mut self, i: usize) {
+        let now = self.now;
+        loop {
+            let Some(output) = self.nodes[i].swarm.as_mut().and_then(Swarm::poll_output) else { break };
+            match output {
+                Output::Send { conn, message } => {
+                    let Some(&(_, peer, peer_conn)) = self.conns.get(&conn) else { continue };
+                    let d = self.delay(i, peer);
+                    self.arrive(now + d, peer, peer_conn, Payload::Message(message));
+                }
+                Output::SendChunk { conn, chunk, priority } => {
+                    let seq = chunk.seq();
+                    let Some(&(_, peer, peer_conn)) = self.conns.get(&conn) else {
+                        self.schedule(now, Event::Sent { node: i, conn, seq });
+                        continue;
+                    };
+                    let payload = match self.nodes[i].adversary {
+                        None => Payload::Chunk(chunk),
+                        Some(Adversary::Silent) => {
+                            self.schedule(now, Event::Sent { node: i, conn, seq });
+                            continue;
+                        }
+                        Some(Adversary::ForgePayload) => {
+                            let mut r = chunk.into_received();
+                            let mut p = r.payload.to_vec();
+                            if let Some(b) = p.first_mut() {
+                                *b ^= 0xff;
+                            }
+                            r.payload = Bytes::from(p);
+                            Payload::Raw(r)
+                        }
+                        Some(Adversary::WrongKey) => {
+                            let h = *chunk.header();
+                            let forged = Verified::sign(
+                                &self.forger,
+                                h.seq,
+                                h.capture_us,
+                                h.duration_us,
+                                h.flags,
+                                chunk.payload().clone(),
+                            );
+                            Payload::Raw(forged.into_received())
+                        }
+                    };
+                    let order = self.next_event;
+                    self.next_event += 1;
+                    self.nodes[i].uplink.insert((Reverse(priority), order), (conn, seq, payload));
+                    self.start_upload(i);
+                }
+                Output::CancelChunk { conn, seq } => {
+                    // Only a chunk still waiting for the uplink can be taken back.
+                    let queued =
+                        self.nodes[i].uplink.iter().find(|(_, (c, s, _))| *c == conn && *s == seq).map(|(k, _)| *k);
+                    if let Some(k) = queued {
+                        self.nodes[i].uplink.remove(&k);
+                        self.schedule(now, Event::Sent { node: i, conn, seq });
+                    }
+                }
+                Output::Connect(addr) => {
+                    let Some(&peer) = self.by_id.get(&addr.id) else { continue };
+                    if self.nodes[peer].swarm.is_none() {
+                        self.schedule(now + 1_000_000, Event::ConnectFailed { node: i, peer: addr.id });
+                        continue;
+                    }
+                    let (a, b) = (ConnId(self.next_conn), ConnId(self.next_conn + 1));
+                    self.next_conn += 2;
+                    self.conns.insert(a, (i, peer, b));
+                    self.conns.insert(b, (peer, i, a));
+                    let d = self.delay(i, peer);
+                    self.schedule(now + d, Event::Connected { node: peer, conn: b, peer: i, outbound: false });
+                    self.schedule(now + 2 * d, Event::Connected { node: i, conn: a, peer, outbound: true });
+                    // Nothing reaches the dialer before its handshake completes.
+                    self.fifo.insert(a, now + 2 * d);
+                    self.fifo.insert(b, now + d);
+                }
+                Output::Disconnect { conn, .. } => {
+                    if let Some((_, peer, peer_conn)) = self.conns.remove(&conn) {
+                        let d = self.delay(i, peer);
+                        self.schedule(now + d, Event::Closed { node: peer, conn: peer_conn });
+                    }
+                }
+                Output::Deliver(chunk) => {
+                    if i > 0 {
+                        let r = &mut self.results[i - 1];
+                        r.delivered += 1;
+                        r.first_delivery_at.get_or_insert(now);
+                        if self.origin_chunks.get(&chunk.seq()) != Some(&chunk.header().payload_hash) {
+                            r.forged_delivered += 1;
+                        }
+                    }
+                }
+                Output::Skip { .. } => {
+                    if i > 0 {
+                        self.results[i - 1].skipped += 1;
+                    }
+                }
+                Output::Arrived { seq, capture_us, path, .. } => {
+                    if i > 0 && path != Path::Local {
+                        let r = &mut self.results[i - 1];
+                        r.latencies_us.push((now, now.saturating_sub(capture_us)));
+                        if self.origin_chunks.get(&seq).is_none() {
+                            self.out.forged_relayed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(s) = self.nodes[i].swarm.as_ref() {
+            if i > 0 {
+                let r = &mut self.results[i - 1];
+                r.max_window_len = r.max_window_len.max(s.window().len());
+            }
+            if let Some(t) = s.poll_timeout() {
+                let t = t.max(now);
+                if self.nodes[i].timer.is_none_or(|old| t < old || old < now) {
+                    self.nodes[i].timer = Some(t);
+                    self.schedule(t, Event::Timer(i));
+                }
+            }
+        }
+    }
+
+    /// Starts sending the most urgent queued chunk if node `i`'s uplink is idle.
+    fn start_upload(&mut self, i: usize) {
+        if self.nodes[i].uplink_busy {
+            return;
+        }
+        let Some((_, (conn, seq, payload))) = self.nodes[i].uplink.pop_first() else { return };
+        let now = self.now;
+        let bits = self.chunk_bytes * 8;
+        let finish = now + bits * 1_000_000 / self.nodes[i].upload_bps.max(1);
+        self.nodes[i].uplink_busy = true;
+        self.schedule(finish, Event::UplinkFree(i));
+        self.schedule(finish, Event::Sent { node: i, conn, seq });
+        self.out.chunk_bytes += self.chunk_bytes;
+        if i == 0 {
+            self.out.origin_bytes_up += self.chunk_bytes;
+        }
+        if let Some(&(_, peer, peer_conn)) = self.conns.get(&conn) {
+            let d = self.delay(i, peer);
+            self.arrive(finish + d, peer, peer_conn, payload);
+        }
+    }
+
+    fn record_end(&mut self, i: usize, s: &Swarm, present: bool) {
+        if i == 0 {
+            return;
+        }
+        let r = &mut self.results[i - 1];
+        r.present_at_end = present;
+        r.counters = s.counters().clone();
+        r.cursor_and_edge = (s.playback_cursor(), s.live_edge());
+        r.id = s.node_id().fmt_short();
+        self.out.control_bytes += s.counters().control_bytes_up;
+    }
+
+    fn depth_of(&self, i: usize) -> Option<u32> {
+        // Follow substream 0's parents up to the origin.
+        let mut at = i;
+        for d in 0..64u32 {
+            if at == 0 {
+                return Some(d);
+            }
+            let parent = self.nodes[at].swarm.as_ref()?.parents().first().copied().flatten()?;
+            at = *self.by_id.get(&parent)?;
+        }
+        None
+    }
+
+    fn finish(mut self) -> SimResult {
+        for i in 0..self.nodes.len() {
+            if let Some(s) = self.nodes[i].swarm.take() {
+                if i == 0 {
+                    self.out.control_bytes += s.counters().control_bytes_up;
+                }
+                self.record_end(i, &s, true);
+                self.nodes[i].swarm = Some(s);
+            }
+        }
+        for i in 1..self.nodes.len() {
+            let depth = self.depth_of(i);
+            self.results[i - 1].depth = depth;
+        }
+        self.out.nodes = std::mem::take(&mut self.results);
+        self.out
+    }
+}

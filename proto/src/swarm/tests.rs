@@ -1,0 +1,178 @@
+//! Virtual-time tests of the state machine: dozens of nodes in the simulator.
+
+use super::sim::{Adversary, NodeSpec, Sim, SimConfig, SimResult};
+
+fn nodes(n: usize, seed: u64, upload_bps: u64) -> Vec<NodeSpec> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n)
+        .map(|i| NodeSpec {
+            upload_bps,
+            pos: (rng.f64(), rng.f64()),
+            join_at: 100_000 + i as u64 * 20_000,
+            leave_at: None,
+            adversary: None,
+        })
+        .collect()
+}
+
+fn scenario(n: usize) -> SimConfig {
+    SimConfig { nodes: nodes(n, 7, 10_000_000), duration_us: 20_000_000, ..SimConfig::default() }
+}
+
+/// Chunks every present honest node should have played: all published once it had started.
+fn assert_full_continuity(result: &SimResult) {
+    for r in result.nodes.iter().filter(|r| !r.adversary && r.present_at_end) {
+        assert_eq!(r.skipped, 0, "node {} skipped chunks: {r:?}", r.index);
+        assert_eq!(r.forged_delivered, 0);
+        // Everything from its start point to the end, give or take the startup second.
+        assert!(
+            r.delivered + 8 >= result.published,
+            "node {} delivered {} of {}",
+            r.index,
+            r.delivered,
+            result.published
+        );
+    }
+}
+
+#[test]
+fn every_node_gets_every_chunk_mostly_by_push() {
+    let result = Sim::new(scenario(40)).run();
+    assert!(result.published >= 78);
+    assert_full_continuity(&result);
+    let push: u64 = result.nodes.iter().map(|r| r.counters.push).sum();
+    let pull: u64 = result.nodes.iter().map(|r| r.counters.pull).sum();
+    let share = push as f64 / (push + pull) as f64;
+    assert!(share > 0.8, "push share {share:.3} (push {push}, pull {pull})");
+    let ratio = result.origin_bytes_up as f64 / result.stream_bytes as f64;
+    assert!(ratio <= 2.5, "origin uploaded {ratio:.2}x the stream");
+    let dups: u64 = result.nodes.iter().map(|r| r.counters.duplicates).sum();
+    let stored = push + pull;
+    assert!((dups as f64) < 0.1 * stored as f64, "duplicates {dups} of {stored}");
+    eprintln!("push share {share:.3}, origin upload {ratio:.2}x, duplicates {dups}/{stored}");
+}
+
+#[test]
+fn same_seed_same_outcome() {
+    let a = Sim::new(scenario(15)).run();
+    let b = Sim::new(scenario(15)).run();
+    let key = |r: &SimResult| {
+        r.nodes.iter().map(|n| (n.delivered, n.counters.push, n.latencies_us.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(key(&a), key(&b));
+    assert_eq!(a.events, b.events);
+}
+
+#[test]
+fn forged_chunks_are_never_delivered_or_relayed_and_forgers_are_dropped() {
+    let mut cfg = scenario(30);
+    for i in [3, 9, 15] {
+        cfg.nodes[i].adversary = Some(Adversary::ForgePayload);
+    }
+    for i in [5, 20] {
+        cfg.nodes[i].adversary = Some(Adversary::WrongKey);
+    }
+    let result = Sim::new(cfg).run();
+    assert_eq!(result.forged_relayed, 0);
+    assert!(result.nodes.iter().all(|r| r.forged_delivered == 0));
+    assert_full_continuity(&result);
+    let bans: u64 = result.nodes.iter().filter(|r| !r.adversary).map(|r| r.counters.bans).sum();
+    assert!(bans > 0, "nobody banned a forger");
+}
+
+#[test]
+fn a_stalling_parent_is_replaced() {
+    let mut cfg = scenario(25);
+    // Early joiners are likely parents; make some of them free riders that never send a chunk.
+    for i in [0, 1, 2, 4] {
+        cfg.nodes[i].adversary = Some(Adversary::Silent);
+    }
+    let result = Sim::new(cfg).run();
+    assert_full_continuity(&result);
+    let changes: u64 = result.nodes.iter().filter(|r| !r.adversary).map(|r| r.counters.parent_changes).sum();
+    let timeouts: u64 = result.nodes.iter().filter(|r| !r.adversary).map(|r| r.counters.request_timeouts).sum();
+    assert!(changes + timeouts > 0, "silent parents went unnoticed");
+}
+
+#[test]
+fn windows_stay_bounded() {
+    let mut cfg = scenario(10);
+    cfg.swarm.window = 12;
+    cfg.duration_us = 15_000_000;
+    let result = Sim::new(cfg).run();
+    for r in &result.nodes {
+        assert!(r.max_window_len <= 12, "node {} held {}", r.index, r.max_window_len);
+    }
+    assert_full_continuity(&result);
+}
+
+#[test]
+fn survivors_keep_playing_when_a_third_leave() {
+    let mut cfg = scenario(30);
+    for (i, n) in cfg.nodes.iter_mut().enumerate() {
+        if i % 3 == 1 {
+            n.leave_at = Some(8_000_000 + i as u64 * 10_000);
+        }
+    }
+    let result = Sim::new(cfg).run();
+    assert_full_continuity(&result);
+    assert_eq!(result.nodes.iter().filter(|r| r.present_at_end).count(), 20);
+}
+
+#[test]
+fn a_late_joiner_starts_within_its_target_latency() {
+    let mut cfg = scenario(12);
+    cfg.nodes[11].join_at = 10_000_000;
+    let result = Sim::new(cfg).run();
+    let late = &result.nodes[11];
+    let first = late.first_delivery_at.expect("late joiner played") - 1_700_000_000_000_000;
+    assert!(first < 10_000_000 + 1_500_000, "first delivery {} µs after join", first - 10_000_000);
+    assert_full_continuity(&result);
+}
+
+#[test]
+#[ignore]
+fn debug_print() {
+    let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let up: u64 = std::env::var("UP").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
+    let result = Sim::new(SimConfig { nodes: nodes(n, 7, up), duration_us: 20_000_000, ..SimConfig::default() }).run();
+    for r in &result.nodes {
+        let mut l: Vec<u64> = r.latencies_us.iter().map(|x| x.1).collect();
+        l.sort();
+        eprintln!(
+            "p50 {} max {} cursor/edge {:?} first {:?}",
+            l.get(l.len() / 2).copied().unwrap_or(0),
+            l.last().copied().unwrap_or(0),
+            r.cursor_and_edge,
+            r.first_delivery_at
+        );
+        eprintln!(
+            "{} delivered {} skipped {} lat {:?} counters {:?}",
+            r.index,
+            r.delivered,
+            r.skipped,
+            r.latencies_us.len(),
+            r.counters
+        );
+    }
+    eprintln!("published {} events {}", result.published, result.events);
+}
+
+#[test]
+#[ignore]
+fn debug_stall() {
+    let mut cfg = scenario(25);
+    for i in [0, 1, 2, 4] {
+        cfg.nodes[i].adversary = Some(Adversary::Silent);
+    }
+    let result = Sim::new(cfg).run();
+    let r = &result.nodes[3];
+    eprintln!(
+        "{} {:?} {:?} {:?} lat {:?}",
+        r.id,
+        r.counters,
+        r.cursor_and_edge,
+        r.first_delivery_at,
+        &r.latencies_us[..r.latencies_us.len().min(10)]
+    );
+}
