@@ -1,0 +1,168 @@
+//! `crowdsurf-peer`: a headless swarm node (a relay, a seedbox for a stream).
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use crowdsurf_peer::{Node, NodeConfig, http, keyfile};
+use crowdsurf_proto::wire::Role;
+use crowdsurf_proto::{NodeKey, Ticket};
+use tracing_subscriber::EnvFilter;
+
+/// Relay a crowdsurf live stream: join the swarm named by a ticket, receive every chunk, verify it,
+/// and pass it on to other viewers. Shows a one-line live status on a terminal.
+///
+/// Example: crowdsurf-peer crowdsurfaeaq... --listen 0.0.0.0:4433 --http 127.0.0.1:9100 --max-upload 10M
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// The ticket printed by the broadcaster (or any viewer's ticket for the same stream).
+    #[arg(env = "CROWDSURF_TICKET")]
+    ticket: Ticket,
+    /// UDP address to accept other peers on.
+    #[arg(long, env = "CROWDSURF_LISTEN", default_value = "0.0.0.0:0")]
+    listen: SocketAddr,
+    /// Address to tell other peers (when --listen is 0.0.0.0 or behind a port forward).
+    #[arg(long, env = "CROWDSURF_ANNOUNCE")]
+    announce: Option<SocketAddr>,
+    /// Serve /metrics (Prometheus) and /stats (JSON) on this local TCP address.
+    #[arg(long, env = "CROWDSURF_HTTP")]
+    http: Option<SocketAddr>,
+    /// Upload cap for chunk data, bytes per second, with an optional k/M/G suffix (e.g. 10M); bits with
+    /// a trailing "bit" (e.g. 20Mbit).
+    #[arg(long, env = "CROWDSURF_MAX_UPLOAD", value_parser = parse_rate)]
+    max_upload: Option<u64>,
+    /// Node key file (created with mode 0600 if missing); a fresh identity each run when omitted.
+    #[arg(long, env = "CROWDSURF_NODE_KEY")]
+    key: Option<PathBuf>,
+    /// Playback point behind the live edge (the deadline for every chunk), e.g. 1s or 500ms.
+    #[arg(long, env = "CROWDSURF_LATENCY", default_value = "1s", value_parser = parse_duration)]
+    latency: Duration,
+    /// Neighbours to dial up to.
+    #[arg(long, default_value_t = 8)]
+    neighbours: usize,
+    /// Most neighbours in all before refusing newcomers (with a list of other peers).
+    #[arg(long, default_value_t = 32)]
+    max_neighbours: usize,
+    /// Stop after this long (e.g. 30s, 10m); runs until Ctrl-C otherwise.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// No live status line, only logs.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Parses "10M", "500k", "2500000" (bytes/s) or "20Mbit" (bits/s).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, bits) = match s.strip_suffix("bit") {
+        Some(n) => (n, true),
+        None => (s.strip_suffix('B').unwrap_or(s), false),
+    };
+    let (digits, mult) = match num.chars().last() {
+        Some('k' | 'K') => (&num[..num.len() - 1], 1_000.0),
+        Some('M' | 'm') => (&num[..num.len() - 1], 1_000_000.0),
+        Some('G' | 'g') => (&num[..num.len() - 1], 1_000_000_000.0),
+        _ => (num, 1.0),
+    };
+    let v: f64 = digits.trim().parse().map_err(|_| format!("not a rate: {s:?} (try 10M or 20Mbit)"))?;
+    let bytes = if bits { v * mult / 8.0 } else { v * mult };
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        return Err(format!("rate {s:?} is too small"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses "1s", "500ms", "2m", "1.5s".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let v: f64 = num.parse().map_err(|_| format!("not a duration: {s:?} (try 1s or 500ms)"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {s:?} out of range"))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let secret = match &args.key {
+        Some(path) => keyfile::load_or_create(path)?.0,
+        None => keyfile::random_secret()?,
+    };
+    let mut config = NodeConfig::new(NodeKey::from_secret_bytes(secret), args.ticket.stream, args.listen);
+    config.bootstrap = args.ticket.bootstrap.clone();
+    config.announce = args.announce;
+    config.endpoint.max_upload_bytes_per_sec = args.max_upload;
+    config.swarm.role = Role::Relay;
+    config.swarm.target_latency_us = args.latency.as_micros() as u64;
+    config.swarm.target_neighbours = args.neighbours;
+    config.swarm.max_neighbours = args.max_neighbours.max(args.neighbours);
+    config.swarm.seed = u64::from_le_bytes(secret[..8].try_into().unwrap_or_default());
+    let (node, handle) = Node::bind(config).context("cannot start the node")?;
+    eprintln!("relaying stream {} as node {}", args.ticket.stream.fmt_short(), handle.node_addr().id.fmt_short());
+    eprintln!("this relay's own ticket: {}", Ticket::new(args.ticket.stream, vec![handle.node_addr()]));
+    let stats_server = match args.http {
+        Some(addr) => {
+            let listener = http::bind(addr).await.with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+            Some(tokio::spawn(http::serve(listener, handle.stats_cell())))
+        }
+        None => None,
+    };
+    let mut run = tokio::spawn(node.run());
+    let status = !args.quiet && std::io::stderr().is_terminal();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let stop_at = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut last = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let s = handle.stats();
+                let (up, down) = (s.counters.chunk_bytes_up, s.counters.chunk_bytes_down);
+                let rates = ((up - last.0) as f64 * 8e-6, (down - last.1) as f64 * 8e-6);
+                last = (up, down);
+                let line = format!(
+                    "neighbours {:>2} | latency p50 {:>5.0} ms p99 {:>5.0} ms | up {:>5.2} Mbit/s down {:>5.2} Mbit/s | continuity {:>6.2} % | skipped {}",
+                    s.neighbours, s.arrival_latency.p50_ms, s.arrival_latency.p99_ms, rates.0, rates.1,
+                    s.continuity * 100.0, s.counters.skipped,
+                );
+                if status {
+                    eprint!("\r\x1b[2K{line}");
+                    let _ = std::io::stderr().flush();
+                } else {
+                    tracing::debug!("{line}");
+                }
+                if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    handle.shutdown();
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("\nleaving the swarm...");
+                handle.shutdown();
+            }
+            result = &mut run => {
+                if status { eprintln!(); }
+                if let Some(s) = stats_server { s.abort(); }
+                result.context("node task failed")?.context("node failed")?;
+                let s = handle.stats();
+                eprintln!(
+                    "done: {} chunks delivered, {} skipped, arrival latency p50 {:.0} ms p99 {:.0} ms",
+                    s.counters.delivered, s.counters.skipped, s.arrival_latency.p50_ms, s.arrival_latency.p99_ms
+                );
+                return Ok(());
+            }
+        }
+    }
+}
