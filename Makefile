@@ -1,0 +1,40 @@
+# crowdsurf: the two commands are `make demo` and `make test`. Both install what is missing first.
+SHELL := /bin/bash
+APT_PACKAGES := pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev libswscale-dev \
+	libswresample-dev libavfilter-dev libavdevice-dev ffmpeg
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test setup lint bench fuzz doc
+
+## demo: a live swarm on this machine: an origin and 8 relays on 127.0.0.1 for 20 s, with figures
+demo: setup
+	cargo run --release -p crowdsurf-peer --example swarm_demo
+
+## test: the whole test suite (what CI runs)
+test: setup
+	cargo test --workspace --all-targets
+	cargo test --workspace --doc
+
+## setup: install missing system packages (apt-get) and check for cargo
+setup:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs (rustup), then re-run"; exit 1; }
+
+## lint: formatting and clippy as CI checks them
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+## bench: micro-benchmarks (criterion)
+bench: setup
+	cargo bench -p crowdsurf-proto
+
+## fuzz: run each fuzz target for FUZZ_SECONDS (default 60); needs `cargo install cargo-fuzz`
+FUZZ_SECONDS ?= 60
+fuzz:
+	cd fuzz && for t in decode_message parse_ticket decode_chunk; do \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -jobs=1 || exit 1; done
