@@ -15,6 +15,8 @@
 //!
 //! The byte layout of every structure is written down in `docs/protocol.md` at the repository root.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod chunk;
 pub mod keys;
 pub mod swarm;

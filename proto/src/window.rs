@@ -229,7 +229,7 @@ impl BufferMap {
         }
         let mut bits = vec![0; n];
         buf.copy_to_slice(&mut bits);
-        if len % 8 != 0 && bits[n - 1] >> (len % 8) != 0 {
+        if !len.is_multiple_of(8) && bits[n - 1] >> (len % 8) != 0 {
             return Err(DecodeError::Malformed("buffer map has bits past its span"));
         }
         if base.checked_add(u64::from(len)).is_none() {

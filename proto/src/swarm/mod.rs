@@ -94,6 +94,16 @@ pub struct Config {
     pub tick_us: u64,
     /// Seed for the node's random choices.
     pub seed: u64,
+    /// A working parent is replaced only by a neighbour whose news is this much earlier than the
+    /// parent's pushes land, µs (hysteresis, so trees stay stable).
+    pub parent_switch_margin_us: u64,
+    /// A parent is kept at least this long unless it fails (misses pushes, refuses, leaves), µs.
+    pub parent_min_dwell_us: u64,
+    /// Pushes a parent may miss in a row (chunks it announced that had to be pulled) before it is
+    /// replaced.
+    pub parent_max_misses: u32,
+    /// On the origin: repair answers per second (each is one chunk of upload).
+    pub origin_repair_per_s: f64,
 }
 
 impl Default for Config {
@@ -115,6 +125,10 @@ impl Default for Config {
             ban_duration_us: 600_000_000,
             tick_us: 25_000,
             seed: 0,
+            parent_switch_margin_us: 200_000,
+            parent_min_dwell_us: 5_000_000,
+            parent_max_misses: 3,
+            origin_repair_per_s: 1.0,
         }
     }
 }
@@ -258,6 +272,10 @@ pub struct Swarm {
     requests: HashMap<u64, (ConnId, Time)>,
     /// Parent per substream.
     parents: Vec<Option<ConnId>>,
+    /// Per substream: since when the current parent has been ours.
+    parent_since: Vec<Time>,
+    /// Per substream: pushes the current parent announced but that had to be pulled, in a row.
+    parent_misses: Vec<u32>,
     /// Per substream, neighbours that refused to be our parent, until when.
     refused: Vec<HashMap<ConnId, Time>>,
     live_edge: Option<u64>,
@@ -294,13 +312,15 @@ impl Swarm {
             first_news: BTreeMap::new(),
             requests: HashMap::new(),
             parents: vec![None; k],
+            parent_since: vec![0; k],
+            parent_misses: vec![0; k],
             refused: vec![HashMap::new(); k],
             live_edge: None,
             reference: None,
             cursor: None,
             cursor_started: false,
             origin_offset: if config.role == Role::Origin { (0, 0) } else { (0, u64::MAX) },
-            origin_repair: TokenBucket::new(4.0, 8.0),
+            origin_repair: TokenBucket::new(config.origin_repair_per_s, config.origin_repair_per_s.max(1.0) * 2.0),
             uploads_in_flight: 0,
             counters: Counters::default(),
             outputs: VecDeque::new(),
@@ -420,7 +440,7 @@ impl Swarm {
         self.dialing.remove(&node);
         if let Some(k) = self.known.get_mut(&node) {
             k.failures += 1;
-            k.retry_at = now + 1_000_000u64 << k.failures.min(6);
+            k.retry_at = now + (1_000_000u64 << k.failures.min(6));
             if k.failures > 8 {
                 self.known.remove(&node);
             }
@@ -555,11 +575,12 @@ impl Swarm {
         // A parent is judged by when its pushes land, not by when it announces: an announcement
         // says it has the chunk, the push arriving says its uplink can deliver it to us.
         let s = (seq % u64::from(self.config.substreams)) as usize;
-        if self.parents[s] == Some(conn) {
+        if self.parents[s] == Some(conn) && !self.chunks.contains(seq) {
             let first = self.first_news.get(&seq).copied().unwrap_or(now);
             if let Some(n) = self.neighbours.get_mut(&conn) {
-                n.note_lag(s, now.saturating_sub(first));
+                n.note_push_lag(s, now.saturating_sub(first));
             }
+            self.parent_misses[s] = 0;
         }
         self.store(now, chunk, path, Some(conn));
     }
@@ -893,6 +914,16 @@ impl Swarm {
                 self.send(c, Message::Cancel { seq });
             }
         }
+        // Our parent for this substream announced it and may still be pushing it: tell it to stop.
+        let k = u64::from(self.config.substreams);
+        let substream = (seq % k) as u16;
+        if path != Path::Local
+            && let Some(p) = self.parents[usize::from(substream)]
+            && Some(p) != from
+            && self.neighbours.get(&p).is_some_and(|n| n.have.contains(seq))
+        {
+            self.send(p, Message::Cancel { seq });
+        }
         let h = *chunk.header();
         if self.reference.is_none_or(|(s, _, _)| seq >= s) {
             self.reference = Some((seq, h.capture_us, h.duration_us));
@@ -904,8 +935,6 @@ impl Swarm {
 
         // Announce it to every neighbour that lacks it, children included (so a child knows the push
         // is on its way and does not pull it elsewhere), then push it to the children of its substream.
-        let k = u64::from(self.config.substreams);
-        let substream = (seq % k) as u16;
         let newest = self.chunks.end();
         let mut children = Vec::new();
         for conn in self.ready_neighbours() {
@@ -1034,9 +1063,10 @@ impl Swarm {
             return;
         }
         let Some(edge) = self.live_edge else { return };
-        // Before the first chunk has arrived there is no cursor: fetch the newest few at once, so
-        // playback can start without waiting for the push tree to form.
-        let bootstrapping = self.reference.is_none();
+        // Until playback has started, fetch what the cursor needs at once rather than wait for the
+        // push tree to form: the start point must be a random-access chunk, and with `K` a divisor
+        // of the random-access period those all travel in one substream, whose parent may be slow.
+        let bootstrapping = !self.cursor_started;
         let start = self.cursor.unwrap_or(edge.saturating_sub(2)).max(self.chunks.base());
         let k = u64::from(self.config.substreams);
         struct Want {
@@ -1044,6 +1074,8 @@ impl Swarm {
             urgent: bool,
             slack: i128,
             holders: usize,
+            /// The parent announced it and its push is overdue.
+            parent_missed: bool,
         }
         let mut wants = Vec::new();
         for seq in start..=edge {
@@ -1052,35 +1084,28 @@ impl Swarm {
             }
             let Some(&heard) = self.first_news.get(&seq) else { continue };
             let s = (seq % k) as usize;
-            if let Some(p) = self.parents[s]
-                && now > heard + 2 * self.config.request_timeout_us
-                && self.neighbours.get(&p).is_some_and(|n| n.have.contains(seq))
-            {
-                // The parent announced it long ago and never pushed it: a stalled parent.
-                self.parents[s] = None;
-                self.refused[s].insert(p, now + 30_000_000);
-                self.counters.parent_changes += 1;
-                self.send(p, Message::Unsubscribe { substream: s as u16 });
-            }
             let holders = self.neighbours.values().filter(|n| n.hello_done() && n.have.contains(seq)).count();
             if holders == 0 {
                 continue;
             }
             let deadline = self.deadline(seq).map_or(i128::MAX, i128::from);
             let slack = deadline - i128::from(now);
-            // A parent that has announced the chunk is pushing it: give the push time to land.
-            let parent = self.parents[(seq % k) as usize].and_then(|p| self.neighbours.get(&p));
+            // Give the parent's push the time its pushes usually take to land, and a little more.
+            let parent = self.parents[s].and_then(|p| self.neighbours.get(&p));
             let grace = match parent {
                 _ if bootstrapping => 0,
-                Some(p) if p.have.contains(seq) => self.config.request_timeout_us,
-                Some(_) => self.config.pull_grace_us,
+                Some(p) => p
+                    .push_lag(s)
+                    .map_or(self.config.pull_grace_us, |l| l + l / 2 + 50_000)
+                    .clamp(self.config.pull_grace_us, self.config.request_timeout_us.max(self.config.pull_grace_us)),
                 None => 0,
             };
             let urgent = slack < i128::from(self.config.target_latency_us / 4);
             if now < heard + grace && !urgent {
                 continue;
             }
-            wants.push(Want { seq, urgent, slack, holders });
+            let parent_missed = !bootstrapping && parent.is_some_and(|p| p.have.contains(seq));
+            wants.push(Want { seq, urgent, slack, holders, parent_missed });
         }
         // Earliest deadline first near the deadline, rarest first further out.
         wants.sort_by_key(|w| (!w.urgent, if w.urgent { w.slack } else { w.holders as i128 }, w.seq));
@@ -1103,6 +1128,9 @@ impl Swarm {
                 .map(|(_, c)| c);
             if let Some(c) = best {
                 batches.entry(c).or_default().push(w.seq);
+                if w.parent_missed {
+                    self.parent_misses[(w.seq % k) as usize] += 1;
+                }
             }
         }
         for (conn, seqs) in batches {
@@ -1127,38 +1155,60 @@ impl Swarm {
     }
 
     /// Picks or replaces the parent of each substream.
+    ///
+    /// Candidates are ranked by how early their news arrives (a proxy for their depth in the tree).
+    /// The current parent is judged by when its pushes land, which adds the wait on its uplink; it is
+    /// replaced when it keeps missing pushes, or, after a minimum dwell, when a candidate's news is
+    /// clearly earlier than the parent's pushes.
     fn choose_parents(&mut self, now: Time) {
         let k = self.parents.len();
         for s in 0..k {
             self.refused[s].retain(|_, until| *until > now);
-            let candidates: Vec<(ConnId, u64)> = self
+            if let Some(p) = self.parents[s]
+                && self.parent_misses[s] >= self.config.parent_max_misses
+            {
+                // It announces chunks and does not push them: a stalled or free-riding parent.
+                self.refused[s].insert(p, now + 30_000_000);
+                self.drop_parent(s);
+            }
+            let best = self
                 .neighbours
                 .iter()
                 .filter(|(c, n)| {
-                    n.hello_done() && !n.child_of.contains(&(s as u16)) && !self.refused[s].contains_key(c)
+                    n.hello_done()
+                        && Some(**c) != self.parents[s]
+                        && !n.child_of.contains(&(s as u16))
+                        && !self.refused[s].contains_key(c)
                 })
-                .map(|(c, n)| (*c, n.lag_score(s)))
-                .collect();
-            let best = candidates.iter().min_by_key(|(c, score)| (*score, *c)).copied();
-            let Some((best, best_score)) = best else { continue };
-            let replace = match self.parents[s] {
-                None => true,
-                Some(p) => {
-                    let score = candidates.iter().find(|(c, _)| *c == p).map_or(u64::MAX, |(_, sc)| *sc);
-                    // Hysteresis: switch only for a clear gain, so trees stay stable.
-                    best != p && score > best_score.saturating_add(self.config.pull_grace_us / 2 + 20_000)
+                .map(|(c, n)| (n.lag_score(s), *c))
+                .min();
+            let Some((best_score, best)) = best else { continue };
+            if let Some(p) = self.parents[s] {
+                let Some(n) = self.neighbours.get(&p) else { continue };
+                let score = n.push_lag(s).unwrap_or(0).max(n.lag_score(s));
+                let settled = now >= self.parent_since[s] + self.config.parent_min_dwell_us;
+                if !settled || score <= best_score.saturating_add(self.config.parent_switch_margin_us) {
+                    continue;
                 }
-            };
-            if !replace {
-                continue;
-            }
-            if let Some(old) = self.parents[s].take() {
-                self.counters.parent_changes += 1;
-                self.send(old, Message::Unsubscribe { substream: s as u16 });
+                self.drop_parent(s);
             }
             self.parents[s] = Some(best);
-            let from_seq = self.cursor.unwrap_or(0).max(self.chunks.base());
+            self.parent_since[s] = now;
+            self.parent_misses[s] = 0;
+            // Ask only for what playback still needs; a node that has not started asks from the edge.
+            let from_seq = self.cursor.or(self.live_edge).unwrap_or(u64::MAX).max(self.chunks.base());
             self.send(best, Message::Subscribe { substream: s as u16, substreams: self.config.substreams, from_seq });
+        }
+    }
+
+    /// Leaves the parent of substream `s`.
+    fn drop_parent(&mut self, s: usize) {
+        if let Some(old) = self.parents[s].take() {
+            self.counters.parent_changes += 1;
+            if let Some(n) = self.neighbours.get_mut(&old) {
+                n.reset_push_lag(s);
+            }
+            self.send(old, Message::Unsubscribe { substream: s as u16 });
         }
     }
 

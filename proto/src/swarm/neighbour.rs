@@ -82,8 +82,11 @@ pub(crate) struct Neighbour {
     pub(crate) have: Window<()>,
     /// Substreams it subscribed to from us.
     pub(crate) child_of: BTreeSet<u16>,
-    /// Per substream: moving average of how far its news lags the first news, µs.
+    /// Per substream: moving average of how far its news (`Have`) lags the first news, µs.
     lag: Vec<Option<u64>>,
+    /// Per substream, while it is our parent: moving average of how far its pushes land behind the
+    /// first news, µs (its news lag plus the wait on its uplink).
+    push_lag: Vec<Option<u64>>,
     /// Our requests in flight to it.
     pub(crate) requests_out: usize,
     /// It declined a request, or keeps failing them: do not ask it again before this.
@@ -110,6 +113,7 @@ impl Neighbour {
             have: Window::new(window * 2, 0),
             child_of: BTreeSet::new(),
             lag: Vec::new(),
+            push_lag: Vec::new(),
             requests_out: 0,
             busy_until: 0,
             timeouts_in_a_row: 0,
@@ -124,14 +128,23 @@ impl Neighbour {
     }
 
     pub(crate) fn note_lag(&mut self, substream: usize, lag_us: u64) {
-        if self.lag.len() <= substream {
-            self.lag.resize(substream + 1, None);
+        ewma(&mut self.lag, substream, lag_us);
+    }
+
+    pub(crate) fn note_push_lag(&mut self, substream: usize, lag_us: u64) {
+        ewma(&mut self.push_lag, substream, lag_us);
+    }
+
+    /// How far behind the first news its pushes of `substream` land, if it has pushed any.
+    pub(crate) fn push_lag(&self, substream: usize) -> Option<u64> {
+        self.push_lag.get(substream).copied().flatten()
+    }
+
+    /// Forgets the push measurements of `substream` (it stopped being our parent there).
+    pub(crate) fn reset_push_lag(&mut self, substream: usize) {
+        if let Some(l) = self.push_lag.get_mut(substream) {
+            *l = None;
         }
-        let l = &mut self.lag[substream];
-        *l = Some(match *l {
-            None => lag_us,
-            Some(old) => (old * 7 + lag_us) / 8,
-        });
     }
 
     /// Lower is a better parent: its measured lag, or for an unmeasured neighbour a middling guess
@@ -142,4 +155,15 @@ impl Neighbour {
         }
         self.lag.get(substream).copied().flatten().unwrap_or(500_000)
     }
+}
+
+fn ewma(v: &mut Vec<Option<u64>>, i: usize, x: u64) {
+    if v.len() <= i {
+        v.resize(i + 1, None);
+    }
+    let l = &mut v[i];
+    *l = Some(match *l {
+        None => x,
+        Some(old) => (old * 3 + x) / 4,
+    });
 }

@@ -376,7 +376,7 @@ impl Sim {
                 self.next_seq += 1;
                 let idx = seq - 1000;
                 let mut flags = Flags::empty();
-                if idx % self.cfg.random_access_every.max(1) == 0 {
+                if idx.is_multiple_of(self.cfg.random_access_every.max(1)) {
                     flags |= Flags::RANDOM_ACCESS;
                 }
                 let payload = Bytes::from(seq.to_be_bytes().to_vec());
@@ -496,7 +496,7 @@ impl Sim {
                 }
                 Output::SendChunk { conn, chunk, priority } => {
                     let seq = chunk.seq();
-                    let Some(&(_, peer, peer_conn)) = self.conns.get(&conn) else {
+                    let Some(&(_, _peer, _peer_conn)) = self.conns.get(&conn) else {
                         self.schedule(now, Event::Sent { node: i, conn, seq });
                         continue;
                     };
@@ -561,8 +561,10 @@ impl Sim {
                 }
                 Output::Disconnect { conn, .. } => {
                     if let Some((_, peer, peer_conn)) = self.conns.remove(&conn) {
+                        // A close does not overtake what was sent before it (the goodbye first).
                         let d = self.delay(i, peer);
-                        self.schedule(now + d, Event::Closed { node: peer, conn: peer_conn });
+                        let at = self.fifo.get(&peer_conn).map_or(now + d, |&last| (now + d).max(last + 1));
+                        self.schedule(at, Event::Closed { node: peer, conn: peer_conn });
                     }
                 }
                 Output::Deliver(chunk) => {
@@ -584,7 +586,7 @@ impl Sim {
                     if i > 0 && path != Path::Local {
                         let r = &mut self.results[i - 1];
                         r.latencies_us.push((now, now.saturating_sub(capture_us)));
-                        if self.origin_chunks.get(&seq).is_none() {
+                        if !self.origin_chunks.contains_key(&seq) {
                             self.out.forged_relayed += 1;
                         }
                     }
