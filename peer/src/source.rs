@@ -49,7 +49,7 @@ impl SyntheticSource {
             let v = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
             b.copy_from_slice(&v[..b.len()]);
         }
-        let flags = if seq % self.random_access_every == 0 { Flags::RANDOM_ACCESS } else { Flags::empty() };
+        let flags = if seq.is_multiple_of(self.random_access_every) { Flags::RANDOM_ACCESS } else { Flags::empty() };
         Verified::sign(&self.key, seq, capture_us, self.chunk_us, flags, Bytes::from(payload))
     }
 }
