@@ -65,6 +65,8 @@ impl Write for SharedBuf {
 #[derive(Debug, Default)]
 struct Clock {
     zero_us: Option<i64>,
+    /// The earliest time seen relative to `zero_us` (another stream may start before the first packet).
+    min_raw_us: i64,
     loop_offset_us: i64,
     end_us: i64,
 }
@@ -73,7 +75,13 @@ impl Clock {
     fn media_us(&mut self, ts: i64, tb: Rational) -> i64 {
         let us = rescale(ts, tb, MICROS);
         let zero = *self.zero_us.get_or_insert(us);
-        us - zero + self.loop_offset_us
+        let raw = us - zero;
+        self.min_raw_us = self.min_raw_us.min(raw);
+        raw + self.loop_offset_us
+    }
+    /// Where the next loop of a looped file starts: after everything seen so far, on every stream.
+    fn next_loop_offset(&self) -> i64 {
+        self.end_us - self.min_raw_us
     }
     fn saw(&mut self, end_us: i64) {
         self.end_us = self.end_us.max(end_us);
@@ -100,15 +108,33 @@ impl Captures {
     }
 }
 
+/// Added to every muxed timestamp, so that encoder priming (AAC starts 1024 samples early) and
+/// streams that begin before the first packet never make a negative timestamp.
+const MUX_OFFSET_US: i64 = 1_000_000;
+
 struct Muxer {
     octx: format::context::Output,
     buf: SharedBuf,
     chunker: Chunker,
     cuts: Vec<Cut>,
+    has_video: bool,
+    /// Whether the first video keyframe has been written; until then nothing is (a stream starts at a
+    /// random-access point).
+    started: bool,
 }
 
 impl Muxer {
-    fn write(&mut self, packet: &Packet, meta: &PacketMeta) -> Result<(), BroadcastError> {
+    /// Writes one packet whose timestamps are in the output stream's time base, starting at 0.
+    fn write(&mut self, packet: &mut Packet, meta: &PacketMeta, tb: Rational) -> Result<(), BroadcastError> {
+        if !self.started {
+            if self.has_video && !(meta.video && meta.key) {
+                return Ok(());
+            }
+            self.started = true;
+        }
+        let offset = rescale(MUX_OFFSET_US, MICROS, tb);
+        packet.set_pts(packet.pts().map(|p| p + offset));
+        packet.set_dts(packet.dts().map(|d| d + offset));
         packet.write(&mut self.octx).map_err(|source| BroadcastError::Mux { source })?;
         let bytes = self.buf.take();
         self.chunker.push(&bytes, meta, &mut self.cuts);
@@ -447,7 +473,7 @@ impl State<'_> {
                     self.stats.encoded(1, Duration::ZERO);
                     self.stats.video_out += 1;
                     self.stats.media_us = self.stats.media_us.max(pts);
-                    self.muxer.write(&out, &meta)?;
+                    self.muxer.write(&mut out, &meta, self.streams.video_out_tb)?;
                 }
                 VideoPath::Encode(enc) => {
                     if let Err(e) = enc.decoder.send_packet(packet) {
@@ -481,7 +507,7 @@ impl State<'_> {
                     if self.streams.video.is_none() {
                         self.stats.media_us = self.stats.media_us.max(pts);
                     }
-                    self.muxer.write(&out, &meta)?;
+                    self.muxer.write(&mut out, &meta, self.streams.audio_out_tb)?;
                 }
                 AudioPath::Encode(enc) => {
                     if let Err(e) = enc.decoder.send_packet(packet) {
@@ -701,7 +727,7 @@ fn receive_video(
         packet.set_stream(out_index);
         packet.rescale_ts(enc_tb, out_tb);
         stats.video_out += 1;
-        muxer.write(&packet, &meta)?;
+        muxer.write(&mut packet, &meta, out_tb)?;
     }
 }
 
@@ -753,7 +779,7 @@ fn receive_audio(
         packet.set_stream(out_index);
         packet.rescale_ts(enc_tb, out_tb);
         stats.audio_out += 1;
-        muxer.write(&packet, &meta)?;
+        muxer.write(&mut packet, &meta, out_tb)?;
     }
     Ok(())
 }
@@ -807,7 +833,7 @@ pub(crate) fn run(
         config,
         clock: Clock::default(),
         stats: Stats::new(config.stats_interval),
-        muxer: Muxer { octx, buf, chunker, cuts: Vec::new() },
+        muxer: Muxer { octx, buf, chunker, cuts: Vec::new(), has_video, started: false },
         signer: Signer { key, sink, next_seq: first_seq },
         streams,
         limit_us: config.duration.map(|d| d.as_micros() as i64),
@@ -876,7 +902,7 @@ fn read_loop(
             Err(ffmpeg::Error::Eof) => {
                 if looped && state.clock.end_us > state.clock.loop_offset_us {
                     state.restart_decoders()?;
-                    state.clock.loop_offset_us = state.clock.end_us;
+                    state.clock.loop_offset_us = state.clock.next_loop_offset();
                     ctx.seek(0, ..).map_err(|source| BroadcastError::InputRead { input: input.clone(), source })?;
                     tracing::info!(offset_s = state.clock.loop_offset_us as f64 / 1e6, "looping the input file");
                     continue;
