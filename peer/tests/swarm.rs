@@ -21,8 +21,35 @@ fn loopback() -> SocketAddr {
 struct Swarm {
     origin: NodeHandle,
     relays: Vec<(NodeHandle, mpsc::UnboundedReceiver<Delivery>)>,
+    /// Per relay, its task, to kill it without a goodbye.
+    kill: Vec<tokio::task::AbortHandle>,
     tasks: tokio::task::JoinSet<()>,
     stream: StreamKey,
+    boot: crowdsurf_proto::wire::NodeAddr,
+}
+
+impl Swarm {
+    /// Adds a relay to the running swarm.
+    fn join(&mut self, seed: u8) -> usize {
+        let mut cfg = node_config(seed, &self.stream, Role::Relay);
+        cfg.bootstrap = vec![self.boot.clone()];
+        let (mut node, handle) = Node::bind(cfg).unwrap();
+        let rx = node.take_deliveries().unwrap();
+        let abort = self.tasks.spawn(async move {
+            node.run().await.unwrap();
+        });
+        self.relays.push((handle, rx));
+        self.kill.push(abort);
+        self.relays.len() - 1
+    }
+
+    async fn stop(mut self) {
+        self.origin.shutdown();
+        for (h, _) in &self.relays {
+            h.shutdown();
+        }
+        while self.tasks.join_next().await.is_some() {}
+    }
 }
 
 fn node_config(seed: u8, stream: &StreamKey, role: Role) -> NodeConfig {
@@ -41,32 +68,56 @@ async fn start(relays: usize) -> Swarm {
     tasks.spawn(async move {
         origin_node.run().await.unwrap();
     });
-    let mut out = Vec::new();
+    let mut swarm = Swarm { origin, relays: Vec::new(), kill: Vec::new(), tasks, stream, boot };
     for i in 0..relays {
-        let mut cfg = node_config(10 + i as u8, &stream, Role::Relay);
-        cfg.bootstrap = vec![boot.clone()];
-        let (mut node, handle) = Node::bind(cfg).unwrap();
-        let rx = node.take_deliveries().unwrap();
-        tasks.spawn(async move {
-            node.run().await.unwrap();
-        });
-        out.push((handle, rx));
+        swarm.join(10 + i as u8);
     }
-    Swarm { origin, relays: out, tasks, stream }
+    swarm
 }
 
-/// Publishes `count` chunks at real-time pace (250 ms each) from the origin; returns their seqs.
-async fn publish(origin: &NodeHandle, key: &StreamKey, first: u64, count: u64) -> Vec<u64> {
-    let mut source = SyntheticSource::new(key.clone(), first, 250, 2_500_000, 4);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut seqs = Vec::new();
-    for _ in 0..count {
-        tick.tick().await;
-        let chunk = source.next_chunk(now_us());
-        seqs.push(chunk.seq());
-        assert!(origin.publish(chunk));
+/// Publishes chunks at real-time pace (250 ms each) from the origin.
+struct Publisher {
+    source: SyntheticSource,
+    tick: tokio::time::Interval,
+    last: u64,
+}
+
+impl Publisher {
+    fn new(key: &StreamKey, first: u64) -> Self {
+        Publisher {
+            source: SyntheticSource::new(key.clone(), first, 250, 2_500_000, 4),
+            tick: tokio::time::interval(Duration::from_millis(250)),
+            last: 0,
+        }
     }
-    seqs
+
+    /// Publishes `count` more chunks; returns the last seq.
+    async fn publish(&mut self, origin: &NodeHandle, count: u64) -> u64 {
+        for _ in 0..count {
+            self.tick.tick().await;
+            let chunk = self.source.next_chunk(now_us());
+            self.last = chunk.seq();
+            assert!(origin.publish(chunk));
+        }
+        self.last
+    }
+}
+
+async fn publish(origin: &NodeHandle, key: &StreamKey, first: u64, count: u64) -> Vec<u64> {
+    let mut p = Publisher::new(key, first);
+    p.publish(origin, count).await;
+    (first..first + count).collect()
+}
+
+/// Asserts a relay delivered every chunk from its start to `last`, in order, with no skip; returns
+/// the first chunk it delivered.
+async fn assert_complete(i: usize, rx: &mut mpsc::UnboundedReceiver<Delivery>, last: u64) -> u64 {
+    let (delivered, skipped) = collect_until(rx, last).await;
+    assert!(skipped.is_empty(), "relay {i} skipped {skipped:?}");
+    assert_eq!(delivered.last(), Some(&last), "relay {i} did not reach the end");
+    let first = delivered[0];
+    assert_eq!(delivered, (first..=last).collect::<Vec<_>>(), "relay {i} out of order or with holes");
+    first
 }
 
 /// Waits until the relay has delivered `last` (or skipped it), collecting what it delivered.
@@ -117,9 +168,63 @@ async fn twenty_relays_receive_every_chunk_in_order() {
     let ratio = origin.counters.chunk_bytes_up as f64 / stream_bytes as f64;
     eprintln!("origin upload {ratio:.2}x the stream");
     assert!(ratio < 3.0, "origin uploaded {ratio:.2}x the stream");
-    swarm.origin.shutdown();
-    for (h, _) in &swarm.relays {
-        h.shutdown();
+    swarm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_third_of_the_relays_loses_nothing_at_the_survivors() {
+    let mut swarm = start(15).await;
+    let mut publisher = Publisher::new(&swarm.stream, 8000);
+    publisher.publish(&swarm.origin, 20).await;
+    // Kill every third relay mid-stream: no goodbye, its connections just go silent.
+    for i in (0..15).step_by(3) {
+        swarm.kill[i].abort();
     }
-    while swarm.tasks.join_next().await.is_some() {}
+    let last = publisher.publish(&swarm.origin, 40).await;
+    for (i, (_, rx)) in swarm.relays.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            continue;
+        }
+        let first = assert_complete(i, rx, last).await;
+        assert!(first <= 8000 + 8, "relay {i} started late at {first}");
+    }
+    swarm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_relay_starts_at_a_random_access_chunk_within_its_latency() {
+    let mut swarm = start(6).await;
+    let mut publisher = Publisher::new(&swarm.stream, 12000);
+    let edge = publisher.publish(&swarm.origin, 16).await;
+    let late = swarm.join(99);
+    let last = publisher.publish(&swarm.origin, 16).await;
+    let (delivered, skipped) = {
+        let rx = &mut swarm.relays[late].1;
+        let mut chunks = Vec::new();
+        let mut skipped = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(Some(d)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            match d {
+                Delivery::Chunk(c) => {
+                    let done = c.seq() >= last;
+                    chunks.push(c);
+                    if done {
+                        break;
+                    }
+                }
+                Delivery::Skip(s) => skipped.push(s),
+            }
+        }
+        (chunks, skipped)
+    };
+    assert!(skipped.is_empty(), "late relay skipped {skipped:?}");
+    let first = delivered.first().expect("late relay delivered something");
+    assert!(first.header().is_random_access(), "late relay started at {} which is not random access", first.seq());
+    // Started no further back than its target latency (4 chunks) and no later than one keyframe
+    // interval (4 chunks) after the live edge it found.
+    assert!(first.seq() + 4 >= edge, "started at {} too far behind the edge {edge}", first.seq());
+    assert!(first.seq() <= edge + 5, "started at {} long after the edge {edge}", first.seq());
+    let seqs: Vec<u64> = delivered.iter().map(|c| c.seq()).collect();
+    assert_eq!(seqs, (first.seq()..=last).collect::<Vec<_>>());
+    swarm.stop().await;
 }
