@@ -228,3 +228,67 @@ async fn a_late_relay_starts_at_a_random_access_chunk_within_its_latency() {
     assert_eq!(seqs, (first.seq()..=last).collect::<Vec<_>>());
     swarm.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forging_neighbour_is_dropped_banned_and_its_chunk_never_delivered() {
+    use crowdsurf_peer::net::{Endpoint, EndpointConfig, NetError};
+    use crowdsurf_proto::chunk::{Flags, Verified};
+    use crowdsurf_proto::window::BufferMap;
+    use crowdsurf_proto::wire::{GoodbyeReason, Hello, Message};
+
+    let mut swarm = start(1).await;
+    let mut publisher = Publisher::new(&swarm.stream, 20000);
+    publisher.publish(&swarm.origin, 4).await;
+    let relay = swarm.relays[0].0.node_addr();
+
+    // A neighbour that speaks the protocol but forges chunk 20006 with its own key.
+    let forger_key = NodeKey::from_secret_bytes([66; 32]);
+    let endpoint = Endpoint::bind(&forger_key, EndpointConfig::new(loopback())).unwrap();
+    let conn = endpoint.connect(&relay).await.unwrap();
+    let (mut send, mut recv) = conn.open_control().await.unwrap();
+    send.send(&Message::Hello(Hello {
+        version: crowdsurf_proto::PROTOCOL_VERSION,
+        stream: swarm.stream.id(),
+        node: forger_key.id(),
+        role: Role::Relay,
+        listen: vec![],
+        have: BufferMap::empty(0),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(recv.recv().await.unwrap(), Some(Message::Hello(_))));
+    let fake_stream = StreamKey::from_secret_bytes([67; 32]);
+    let forged = Verified::sign(&fake_stream, 20006, now_us(), 250_000, Flags::RANDOM_ACCESS, vec![0x47; 188].into());
+    let forged_payload = forged.payload().clone();
+    let _ = conn.send_chunk(&forged, 1).await;
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("relay did not drop the forger") {
+        NetError::ClosedByPeer { reason, .. } => assert_eq!(reason, Some(GoodbyeReason::Misbehaved)),
+        other => panic!("unexpected close: {other}"),
+    }
+    // Coming back with the same identity is refused.
+    if let Ok(again) = endpoint.connect(&relay).await {
+        let (mut send, _recv) = again.open_control().await.unwrap();
+        let _ = send.send(&Message::Ping { nonce: 1, sent_us: 0 }).await;
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), again.closed()).await.expect("banned node let back in");
+        assert!(matches!(closed, NetError::ClosedByPeer { reason: Some(GoodbyeReason::Misbehaved), .. }), "{closed}");
+    }
+    // The honest stream goes on, and the real chunk 20006 is what gets delivered.
+    let last = publisher.publish(&swarm.origin, 8).await;
+    let rx = &mut swarm.relays[0].1;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut saw_20006 = false;
+    while let Ok(Some(d)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        if let Delivery::Chunk(c) = d {
+            assert_ne!(c.payload(), &forged_payload, "a forged payload was delivered");
+            saw_20006 |= c.seq() == 20006;
+            if c.seq() >= last {
+                break;
+            }
+        }
+    }
+    assert!(saw_20006, "the honest chunk 20006 never arrived");
+    assert!(swarm.relays[0].0.stats().counters.bans >= 1);
+    endpoint.close();
+    swarm.stop().await;
+}
