@@ -23,7 +23,7 @@ use crowdsurf_proto::wire::{GoodbyeReason, Message, NodeAddr};
 use crowdsurf_proto::{NodeId, NodeKey, StreamId, Ticket};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
-use tracing::{debug, info, trace, warn};
+use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::net::{Connection, Endpoint, EndpointConfig, NetError};
 use crate::stats::{NodeStats, StatsCell};
@@ -228,7 +228,12 @@ impl Node {
     }
 
     /// Runs the node until [`NodeHandle::shutdown`] (or until every handle is dropped).
-    pub async fn run(mut self) -> Result<(), NodeError> {
+    pub async fn run(self) -> Result<(), NodeError> {
+        let span = info_span!("node", id = %self.config.key.id().fmt_short());
+        self.drive().instrument(span).await
+    }
+
+    async fn drive(mut self) -> Result<(), NodeError> {
         if self.delivery_rx.take().is_some() {
             // Nobody took the deliveries: do not queue them.
             self.deliveries = None;
@@ -267,7 +272,7 @@ impl Node {
                             Ok(conn) => { let _ = tx.send(ConnEvent::Up { conn, outbound: false }); }
                             Err(e) => debug!(error = %e, "inbound handshake failed"),
                         }
-                    });
+                    }.in_current_span());
                 }
                 Some(event) = events.recv() => {
                     let now = self.clock.now_us();
@@ -279,6 +284,7 @@ impl Node {
                             let node = conn.remote_id();
                             let addr = conn.remote_addr();
                             conns.insert(id, (tx, conn.clone()));
+                            let span = info_span!("peer", id = %node.fmt_short(), conn = id.0);
                             tasks.spawn(connection_task(ConnTask {
                                 id,
                                 conn,
@@ -288,7 +294,7 @@ impl Node {
                                 verifier: self.verifier.clone(),
                                 read_timeout: self.config.chunk_read_timeout,
                                 max_reads: self.config.max_chunk_reads_per_neighbour,
-                            }));
+                            }).instrument(span));
                             debug!(peer = %node.fmt_short(), %addr, outbound, conn = id.0, "connected");
                             self.swarm.handle_connected(now, id, node, addr, outbound);
                         }
@@ -361,12 +367,15 @@ impl Node {
                     };
                     let connection = connection.clone();
                     let tx = events.clone();
-                    let handle = tasks.spawn(async move {
-                        if let Err(e) = connection.send_chunk(&chunk, priority).await {
-                            trace!(seq, error = %e, "chunk send ended early");
+                    let handle = tasks.spawn(
+                        async move {
+                            if let Err(e) = connection.send_chunk(&chunk, priority).await {
+                                trace!(seq, error = %e, "chunk send ended early");
+                            }
+                            let _ = tx.send(ConnEvent::Sent { id: conn, seq });
                         }
-                        let _ = tx.send(ConnEvent::Sent { id: conn, seq });
-                    });
+                        .in_current_span(),
+                    );
                     if let Some(old) = sends.insert((conn, seq), handle) {
                         old.abort();
                     }
@@ -381,13 +390,16 @@ impl Node {
                 Output::Connect(addr) => {
                     let endpoint = self.endpoint.clone();
                     let tx = events.clone();
-                    tasks.spawn(async move {
-                        let event = match endpoint.connect(&addr).await {
-                            Ok(conn) => ConnEvent::Up { conn, outbound: true },
-                            Err(error) => ConnEvent::DialFailed { node: addr.id, error },
-                        };
-                        let _ = tx.send(event);
-                    });
+                    tasks.spawn(
+                        async move {
+                            let event = match endpoint.connect(&addr).await {
+                                Ok(conn) => ConnEvent::Up { conn, outbound: true },
+                                Err(error) => ConnEvent::DialFailed { node: addr.id, error },
+                            };
+                            let _ = tx.send(event);
+                        }
+                        .in_current_span(),
+                    );
                 }
                 Output::Disconnect { conn, reason } => {
                     if let Some((tx, _)) = conns.remove(&conn) {
