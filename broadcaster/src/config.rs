@@ -20,7 +20,7 @@ pub enum Input {
         looped: bool,
     },
     /// Any FFmpeg input URL, read as fast as it arrives: `srt://0.0.0.0:9000?mode=listener`,
-    /// `rtmp://0.0.0.0:1935/live?listen=1`, `udp://0.0.0.0:5000`, `tcp://host:port`, `http://...`; or a
+    /// `rtmp://0.0.0.0:1935/live` with the option `listen=1`, `udp://0.0.0.0:5000`, `tcp://host:port`, `http://...`; or a
     /// capture device together with [`Config::input_format`] (`v4l2` with `/dev/video0`, `alsa` with
     /// `default`, `pulse` with `default`).
     Url(String),
@@ -112,6 +112,14 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Whether the input waits for a sender to connect: a listener URL (see [`Input::is_listener`]) or
+    /// the FFmpeg option `listen=1` (RTMP's way: `rtmp://0.0.0.0:1935/live` with `listen=1`).
+    pub fn is_listener(&self) -> bool {
+        self.input.is_listener() || self.input_options.iter().any(|(k, v)| k == "listen" && v != "0")
+    }
+}
+
 impl Input {
     /// A short description for logs and errors.
     pub fn describe(&self) -> String {
@@ -130,7 +138,6 @@ impl Input {
                     || url.contains("mode=listener")
                     || url.starts_with("udp://")
                     || url.starts_with("rtp://")
-                    || url.contains("listen")
             }
             _ => false,
         }

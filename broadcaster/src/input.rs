@@ -141,7 +141,7 @@ pub(crate) fn open(config: &Config, stop: &Arc<AtomicBool>) -> Result<Opened, Br
             Ok(Opened { ctx, deadline, paced: true, looped: *looped })
         }
         Input::Url(url) => {
-            let timeout = if config.input.is_listener() { None } else { config.open_timeout };
+            let timeout = if config.is_listener() { None } else { config.open_timeout };
             let ctx = open_with_format(url, config, &deadline, stop, timeout).map_err(|source| {
                 if matches!(source, ffmpeg::Error::Exit) && deadline.expired() {
                     BroadcastError::OpenTimeout { input: describe.clone(), after: timeout.unwrap_or_default() }

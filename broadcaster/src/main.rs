@@ -23,7 +23,7 @@ use crowdsurf_proto::chunk::Verified;
 ///
 ///   crowdsurf-broadcaster --key stream.key --url 'srt://0.0.0.0:9000?mode=listener' --copy
 ///
-///   crowdsurf-broadcaster --key stream.key --url 'rtmp://0.0.0.0:1935/live?listen=1'
+///   crowdsurf-broadcaster --key stream.key --url rtmp://0.0.0.0:1935/live --input-option listen=1
 ///
 ///   crowdsurf-broadcaster --key stream.key --input-format v4l2 --url /dev/video0
 ///
@@ -46,7 +46,8 @@ struct Args {
     #[arg(long = "loop", requires = "file")]
     looped: bool,
 
-    /// An FFmpeg input URL: srt://0.0.0.0:9000?mode=listener, rtmp://0.0.0.0:1935/live?listen=1,
+    /// An FFmpeg input URL: srt://0.0.0.0:9000?mode=listener, rtmp://0.0.0.0:1935/live (with
+    /// --input-option listen=1),
     /// udp://0.0.0.0:5000, tcp://…, or a device path with --input-format.
     #[arg(long, env = "CROWDSURF_URL")]
     url: Option<String>,
@@ -211,10 +212,25 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause the message above already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {

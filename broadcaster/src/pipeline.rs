@@ -888,6 +888,7 @@ fn read_loop(
     let stall = state.config.stall_timeout;
     let mut pace_start: Option<(Instant, i64)> = None;
     let mut packet = Packet::empty();
+    let mut packets_read = 0u64;
     let primary = state.streams.video.as_ref().map(|v| v.0).or(state.streams.audio.as_ref().map(|a| a.0));
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -916,8 +917,14 @@ fn read_loop(
             }
             Err(ffmpeg::Error::Exit) if stop.load(Ordering::Relaxed) => return Ok(EndReason::Stopped),
             Err(ffmpeg::Error::Exit) => return Err(BroadcastError::InputStalled { input, after: stall }),
+            // A network sender that hangs up (SRT, RTMP) shows as an I/O error: that is the input ending.
+            Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::util::error::EIO && packets_read > 0 => {
+                tracing::warn!(input = %input, "input connection closed");
+                return Ok(EndReason::InputEnded);
+            }
             Err(source) => return Err(BroadcastError::InputRead { input, source }),
         }
+        packets_read += 1;
         let read_at = now_us();
         let Some(stream) = ctx.stream(packet.stream()) else {
             continue;
