@@ -12,6 +12,7 @@
 
 pub mod http;
 pub mod keyfile;
+pub mod lab;
 pub mod net;
 pub mod node;
 pub mod source;

@@ -17,11 +17,80 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Example: crowdsurf-peer crowdsurfaeaq... --listen 0.0.0.0:4433 --http 127.0.0.1:9100 --max-upload 10M
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    relay: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Measure a swarm: N real relays over QUIC on 127.0.0.1 in this process, fed by a synthetic
+    /// origin; prints progress and writes a JSON report.
+    ///
+    /// Example: crowdsurf-peer lab --peers 50 --duration 30s --report lab.json
+    Lab(LabArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LabArgs {
+    /// Relays at the start.
+    #[arg(long, default_value_t = 20)]
+    peers: usize,
+    /// How long the stream runs.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Stream bitrate in bits per second (k/M suffixes), e.g. 2.5M.
+    #[arg(long, default_value = "2.5M", value_parser = parse_bits)]
+    bitrate: u64,
+    /// Chunk duration in ms.
+    #[arg(long, default_value_t = 250)]
+    chunk_ms: u32,
+    /// Target latency of every peer.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    latency: Duration,
+    /// Per-relay upload cap (bytes/s with k/M/G, or bits with a trailing "bit").
+    #[arg(long, value_parser = parse_rate)]
+    max_upload: Option<u64>,
+    /// Churn: share of the peers replaced per minute, e.g. 20%/min (or 0.2).
+    #[arg(long, default_value = "0", value_parser = parse_churn)]
+    churn: f64,
+    /// Flash crowd: N peers joining within T, e.g. 100/2s (starts 5 s into the run).
+    #[arg(long, value_parser = parse_flash)]
+    flash: Option<(usize, Duration)>,
+    /// Seed for keys and choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Parses a bitrate in bits per second: "2.5M", "800k", "2500000", "2.5Mbit".
+fn parse_bits(s: &str) -> Result<u64, String> {
+    parse_rate(&format!("{}bit", s.trim().trim_end_matches("bps").trim_end_matches("bit"))).map(|bytes| bytes * 8)
+}
+
+fn parse_churn(s: &str) -> Result<f64, String> {
+    let s = s.trim().trim_end_matches("/min");
+    match s.strip_suffix('%') {
+        Some(p) => p.parse::<f64>().map(|v| v / 100.0).map_err(|_| format!("not a churn rate: {s:?} (try 20%/min)")),
+        None => s.parse::<f64>().map_err(|_| format!("not a churn rate: {s:?} (try 20%/min)")),
+    }
+}
+
+fn parse_flash(s: &str) -> Result<(usize, Duration), String> {
+    let (n, t) = s.split_once('/').ok_or_else(|| format!("not a flash crowd: {s:?} (try 100/2s)"))?;
+    Ok((n.trim().parse().map_err(|_| format!("not a peer count: {n:?}"))?, parse_duration(t)?))
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// The ticket printed by the broadcaster (or any viewer's ticket for the same stream).
-    #[arg(env = "CROWDSURF_TICKET")]
-    ticket: Ticket,
+    #[arg(env = "CROWDSURF_TICKET", required = true)]
+    ticket: Option<Ticket>,
     /// UDP address to accept other peers on.
     #[arg(long, env = "CROWDSURF_LISTEN", default_value = "0.0.0.0:0")]
     listen: SocketAddr,
@@ -91,19 +160,86 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {s:?} out of range"))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_durations_parse() {
+        assert_eq!(parse_rate("10M"), Ok(10_000_000));
+        assert_eq!(parse_rate("20Mbit"), Ok(2_500_000));
+        assert_eq!(parse_bits("2.5M"), Ok(2_500_000));
+        assert_eq!(parse_bits("800kbit"), Ok(800_000));
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("1 fortnight").is_err());
+        assert_eq!(parse_churn("20%/min"), Ok(0.2));
+        assert_eq!(parse_flash("100/2s"), Ok((100, Duration::from_secs(2))));
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    let default_level = if cli.command.is_some() { "warn" } else { "info" };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr)
         .init();
+    match cli.command {
+        Some(Command::Lab(lab)) => run_lab(lab).await,
+        None => relay(cli.relay).await,
+    }
+}
+
+async fn run_lab(a: LabArgs) -> Result<()> {
+    let (flash, flash_over) = a.flash.unwrap_or((0, Duration::from_secs(2)));
+    let cfg = crowdsurf_peer::lab::LabConfig {
+        peers: a.peers,
+        duration: a.duration,
+        bitrate_bps: a.bitrate,
+        chunk_ms: a.chunk_ms,
+        latency: a.latency,
+        max_upload: a.max_upload,
+        churn_per_min: a.churn,
+        flash,
+        flash_over,
+        seed: a.seed,
+        ..Default::default()
+    };
+    eprintln!("lab: {} peers, {:?}, {} bit/s in {} ms chunks", a.peers, a.duration, a.bitrate, a.chunk_ms);
+    let report = crowdsurf_peer::lab::run(cfg).await.context("lab failed")?;
+    println!(
+        "arrival latency p50 {:.0} ms p90 {:.0} ms p99 {:.0} ms max {:.0} ms | continuity min {:.3} % mean {:.3} % | origin upload {:.2}x | duplicates {:.2} % | push {:.1} % | startup p50 {:.2} s max {:.2} s | CPU per relay {:.1} % of a core",
+        report.arrival_latency.p50_ms,
+        report.arrival_latency.p90_ms,
+        report.arrival_latency.p99_ms,
+        report.arrival_latency.max_ms,
+        report.continuity_min * 100.0,
+        report.continuity_mean * 100.0,
+        report.origin_upload_ratio,
+        report.duplicate_ratio * 100.0,
+        report.push_share * 100.0,
+        report.startup_p50_s,
+        report.startup_max_s,
+        report.cpu_per_peer * 100.0,
+    );
+    if let Some(path) = &a.report {
+        crowdsurf_peer::lab::write_report(&report, path).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+async fn relay(args: Args) -> Result<()> {
+    let ticket = args.ticket.clone().context("a ticket is required")?;
     let secret = match &args.key {
         Some(path) => keyfile::load_or_create(path)?.0,
         None => keyfile::random_secret()?,
     };
-    let mut config = NodeConfig::new(NodeKey::from_secret_bytes(secret), args.ticket.stream, args.listen);
-    config.bootstrap = args.ticket.bootstrap.clone();
+    let mut config = NodeConfig::new(NodeKey::from_secret_bytes(secret), ticket.stream, args.listen);
+    config.bootstrap = ticket.bootstrap.clone();
     config.announce = args.announce;
     config.endpoint.max_upload_bytes_per_sec = args.max_upload;
     config.swarm.role = Role::Relay;
@@ -112,8 +248,8 @@ async fn main() -> Result<()> {
     config.swarm.max_neighbours = args.max_neighbours.max(args.neighbours);
     config.swarm.seed = u64::from_le_bytes(secret[..8].try_into().unwrap_or_default());
     let (node, handle) = Node::bind(config).context("cannot start the node")?;
-    eprintln!("relaying stream {} as node {}", args.ticket.stream.fmt_short(), handle.node_addr().id.fmt_short());
-    eprintln!("this relay's own ticket: {}", Ticket::new(args.ticket.stream, vec![handle.node_addr()]));
+    eprintln!("relaying stream {} as node {}", ticket.stream.fmt_short(), handle.node_addr().id.fmt_short());
+    eprintln!("this relay's own ticket: {}", Ticket::new(ticket.stream, vec![handle.node_addr()]));
     let stats_server = match args.http {
         Some(addr) => {
             let listener = http::bind(addr).await.with_context(|| format!("cannot listen for HTTP on {addr}"))?;

@@ -1,0 +1,357 @@
+//! The swarm lab: N real nodes over real QUIC on 127.0.0.1 in this process, fed by a synthetic origin,
+//! measured, and summarised in a JSON report.
+//!
+//! All nodes share one clock, so latency is exact: arrival time − capture time. Scenarios: steady
+//! (everyone joins at the start), churn (peers leave without a goodbye and new ones join at a given
+//! rate) and flash crowd (a batch of peers joins within a short time mid-run).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crowdsurf_proto::wire::Role;
+use crowdsurf_proto::{NodeKey, StreamKey};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::node::{Node, NodeConfig, NodeHandle};
+use crate::source::SyntheticSource;
+use crate::stats::{LatencySummary, NodeStats};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Relays at the start.
+    pub peers: usize,
+    /// How long the stream runs.
+    pub duration: Duration,
+    /// Stream bitrate, bits per second.
+    pub bitrate_bps: u64,
+    /// Chunk duration, ms.
+    pub chunk_ms: u32,
+    /// Random-access chunk every this many chunks.
+    pub random_access_every: u64,
+    /// Target latency of every node.
+    pub latency: Duration,
+    /// Per-relay upload cap, bytes per second.
+    pub max_upload: Option<u64>,
+    /// Share of the peers replaced per minute (0.2 = 20 %/min): leave without goodbye, new ones join.
+    pub churn_per_min: f64,
+    /// A flash crowd: this many extra peers join, spread over `flash_over`, at `flash_at`.
+    pub flash: usize,
+    /// When the flash crowd starts.
+    pub flash_at: Duration,
+    /// Over how long the flash crowd joins.
+    pub flash_over: Duration,
+    /// Seed for node keys and choices.
+    pub seed: u64,
+    /// Print a progress line this often (None: quiet).
+    pub progress: Option<Duration>,
+}
+
+impl Default for LabConfig {
+    fn default() -> Self {
+        LabConfig {
+            peers: 20,
+            duration: Duration::from_secs(20),
+            bitrate_bps: 2_500_000,
+            chunk_ms: 250,
+            random_access_every: 4,
+            latency: Duration::from_secs(1),
+            max_upload: None,
+            churn_per_min: 0.0,
+            flash: 0,
+            flash_at: Duration::from_secs(5),
+            flash_over: Duration::from_secs(2),
+            seed: 1,
+            progress: Some(Duration::from_secs(2)),
+        }
+    }
+}
+
+/// One peer's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerReport {
+    /// Short node id.
+    pub node: String,
+    /// When it joined, seconds from the start.
+    pub joined_at_s: f64,
+    /// When it left, if it did.
+    pub left_at_s: Option<f64>,
+    /// Seconds from joining to its first delivered chunk.
+    pub startup_s: Option<f64>,
+    /// Its figures at the end (or when it left).
+    pub stats: NodeStats,
+}
+
+/// The lab's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabReport {
+    /// "lab".
+    pub kind: &'static str,
+    /// Peers at the start.
+    pub peers: usize,
+    /// Peers that ever joined.
+    pub peers_total: usize,
+    /// Stream seconds.
+    pub duration_s: f64,
+    /// Stream bitrate.
+    pub bitrate_bps: u64,
+    /// Chunk duration.
+    pub chunk_ms: u32,
+    /// Chunks published.
+    pub published: u64,
+    /// Arrival latency over all peers' first copies.
+    pub arrival_latency: LatencySummary,
+    /// Lowest continuity among peers present at the end.
+    pub continuity_min: f64,
+    /// Mean continuity among peers present at the end.
+    pub continuity_mean: f64,
+    /// Chunks skipped at all peers.
+    pub skipped_total: u64,
+    /// The origin's chunk upload / stream bytes.
+    pub origin_upload_ratio: f64,
+    /// Duplicates / chunks stored, over all peers.
+    pub duplicate_ratio: f64,
+    /// Share of chunks that arrived by push, over all peers.
+    pub push_share: f64,
+    /// Control bytes / chunk bytes, over all peers.
+    pub control_overhead: f64,
+    /// Startup time (join to first delivery) p50 and max, seconds.
+    pub startup_p50_s: f64,
+    /// Slowest startup.
+    pub startup_max_s: f64,
+    /// Process CPU time per relay per second of stream, as a share of one core.
+    pub cpu_per_peer: f64,
+    /// Every peer.
+    pub per_peer: Vec<PeerReport>,
+}
+
+struct Peer {
+    handle: NodeHandle,
+    joined: Instant,
+    left: Option<Instant>,
+    first_delivery: Option<Instant>,
+    abort: tokio::task::AbortHandle,
+    final_stats: Option<NodeStats>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+fn key(seed: u64, n: u64) -> [u8; 32] {
+    let mut rng = fastrand_like(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n);
+    let mut k = [0u8; 32];
+    for b in k.chunks_mut(8) {
+        b.copy_from_slice(&rng().to_le_bytes());
+    }
+    k
+}
+
+/// splitmix64: deterministic key material for lab nodes (never for real keys).
+fn fastrand_like(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Runs the lab to the end and returns its report.
+pub async fn run(cfg: LabConfig) -> Result<LabReport, crate::NodeError> {
+    let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let stream = StreamKey::from_secret_bytes(key(cfg.seed, u64::MAX));
+    let stream_id = stream.id();
+    let latency_us = cfg.latency.as_micros() as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut origin_cfg = NodeConfig::new(NodeKey::from_secret_bytes(key(cfg.seed, 0)), stream.id(), loopback);
+    origin_cfg.swarm.role = Role::Origin;
+    origin_cfg.swarm.target_latency_us = latency_us;
+    origin_cfg.swarm.max_neighbours = 64;
+    let (origin_node, origin) = Node::bind(origin_cfg)?;
+    let boot = origin.node_addr();
+    tasks.spawn(async move {
+        let _ = origin_node.run().await;
+    });
+    let cpu_start = process_cpu_seconds();
+    let start = Instant::now();
+    let mut peers: Vec<Peer> = Vec::new();
+    let mut deliveries = Vec::new();
+    let mut next_key = 1u64;
+    let mut join = |tasks: &mut tokio::task::JoinSet<()>,
+                    peers: &mut Vec<Peer>,
+                    deliveries: &mut Vec<tokio::sync::mpsc::UnboundedReceiver<crate::Delivery>>|
+     -> Result<(), crate::NodeError> {
+        let mut c = NodeConfig::new(NodeKey::from_secret_bytes(key(cfg.seed, next_key)), stream_id, loopback);
+        c.swarm.seed = cfg.seed ^ next_key;
+        next_key += 1;
+        c.swarm.target_latency_us = latency_us;
+        c.endpoint.max_upload_bytes_per_sec = cfg.max_upload;
+        c.bootstrap = vec![boot.clone()];
+        let (mut node, handle) = Node::bind(c)?;
+        let rx = node.take_deliveries().unwrap_or_else(|| unreachable!("taken once, right here"));
+        let abort = tasks.spawn(async move {
+            let _ = node.run().await;
+        });
+        peers.push(Peer { handle, joined: Instant::now(), left: None, first_delivery: None, abort, final_stats: None });
+        deliveries.push(rx);
+        Ok(())
+    };
+    for _ in 0..cfg.peers {
+        join(&mut tasks, &mut peers, &mut deliveries)?;
+    }
+    let first_seq = now_us() / 1000;
+    let mut source = SyntheticSource::new(stream, first_seq, cfg.chunk_ms, cfg.bitrate_bps, cfg.random_access_every);
+    let mut chunk_tick = tokio::time::interval(Duration::from_millis(u64::from(cfg.chunk_ms)));
+    let mut progress = tokio::time::interval(cfg.progress.unwrap_or(Duration::from_secs(3600)));
+    progress.tick().await;
+    let mut churn_tick = tokio::time::interval(Duration::from_millis(200));
+    let churn_per_tick = cfg.churn_per_min * cfg.peers as f64 * 0.2 / 60.0;
+    let mut churn_debt = 0.0;
+    let mut flash_joined = 0usize;
+    let mut rng = fastrand_like(cfg.seed ^ 0xc0ffee);
+    let end = start + cfg.duration;
+    let mut published = 0u64;
+    while Instant::now() < end {
+        tokio::select! {
+            _ = chunk_tick.tick() => {
+                origin.publish(source.next_chunk(now_us()));
+                published += 1;
+            }
+            _ = churn_tick.tick() => {
+                churn_debt += churn_per_tick;
+                while churn_debt >= 1.0 {
+                    churn_debt -= 1.0;
+                    let present: Vec<usize> = (0..peers.len()).filter(|&i| peers[i].left.is_none()).collect();
+                    if let Some(&victim) = present.get((rng() % present.len().max(1) as u64) as usize) {
+                        let p = &mut peers[victim];
+                        p.final_stats = Some(p.handle.stats());
+                        p.abort.abort();
+                        p.left = Some(Instant::now());
+                    }
+                    join(&mut tasks, &mut peers, &mut deliveries)?;
+                }
+                let elapsed = start.elapsed();
+                if cfg.flash > flash_joined && elapsed >= cfg.flash_at {
+                    let share = ((elapsed - cfg.flash_at).as_secs_f64() / cfg.flash_over.as_secs_f64().max(0.001)).min(1.0);
+                    let due = (share * cfg.flash as f64).ceil() as usize;
+                    while flash_joined < due {
+                        join(&mut tasks, &mut peers, &mut deliveries)?;
+                        flash_joined += 1;
+                    }
+                }
+            }
+            _ = progress.tick(), if cfg.progress.is_some() => {
+                let present = peers.iter().filter(|p| p.left.is_none()).count();
+                let s: Vec<NodeStats> = peers.iter().filter(|p| p.left.is_none()).map(|p| p.handle.stats()).collect();
+                let worst = s.iter().map(|x| x.continuity).fold(1.0, f64::min);
+                let p99 = s.iter().map(|x| x.arrival_latency.p99_ms).fold(0.0, f64::max);
+                eprintln!(
+                    "[{:>5.1}s] peers {present:>4} | chunks {published:>5} | worst continuity {:>6.2} % | worst p99 {p99:>6.0} ms",
+                    start.elapsed().as_secs_f64(), worst * 100.0
+                );
+            }
+        }
+        for (i, rx) in deliveries.iter_mut().enumerate() {
+            while let Ok(d) = rx.try_recv() {
+                if matches!(d, crate::Delivery::Chunk(_)) && peers[i].first_delivery.is_none() {
+                    peers[i].first_delivery = Some(Instant::now());
+                }
+            }
+        }
+    }
+    // Let the last chunks land (one target latency), then collect.
+    tokio::time::sleep(cfg.latency).await;
+    for (i, rx) in deliveries.iter_mut().enumerate() {
+        while let Ok(d) = rx.try_recv() {
+            if matches!(d, crate::Delivery::Chunk(_)) && peers[i].first_delivery.is_none() {
+                peers[i].first_delivery = Some(Instant::now());
+            }
+        }
+    }
+    let cpu = process_cpu_seconds() - cpu_start;
+    let origin_stats = origin.stats();
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!());
+    let mut per_peer = Vec::new();
+    let (mut dups, mut stored, mut push, mut control, mut chunk_bytes, mut skipped) = (0, 0, 0, 0, 0, 0);
+    let mut continuities = Vec::new();
+    let mut startups = Vec::new();
+    for p in &peers {
+        let stats = p.final_stats.clone().unwrap_or_else(|| p.handle.stats());
+        if p.left.is_none() {
+            let _ = merged.add(p.handle.stats_cell().arrival_histogram());
+            continuities.push(stats.continuity);
+            skipped += stats.counters.skipped;
+        }
+        dups += stats.counters.duplicates;
+        stored += stats.counters.push + stats.counters.pull;
+        push += stats.counters.push;
+        control += stats.counters.control_bytes_up;
+        chunk_bytes += stats.counters.chunk_bytes_up;
+        let startup = p.first_delivery.map(|f| (f - p.joined).as_secs_f64());
+        if let Some(s) = startup {
+            startups.push(s);
+        }
+        per_peer.push(PeerReport {
+            node: stats.node.clone(),
+            joined_at_s: (p.joined - start).as_secs_f64(),
+            left_at_s: p.left.map(|l| (l - start).as_secs_f64()),
+            startup_s: startup,
+            stats,
+        });
+    }
+    startups.sort_by(f64::total_cmp);
+    let stream_bytes = published * cfg.bitrate_bps * u64::from(cfg.chunk_ms) / 8000;
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let report = LabReport {
+        kind: "lab",
+        peers: cfg.peers,
+        peers_total: peers.len(),
+        duration_s: cfg.duration.as_secs_f64(),
+        bitrate_bps: cfg.bitrate_bps,
+        chunk_ms: cfg.chunk_ms,
+        published,
+        arrival_latency: LatencySummary::of(&merged),
+        continuity_min: continuities.iter().copied().fold(1.0, f64::min),
+        continuity_mean: if continuities.is_empty() {
+            0.0
+        } else {
+            continuities.iter().sum::<f64>() / continuities.len() as f64
+        },
+        skipped_total: skipped,
+        origin_upload_ratio: ratio(origin_stats.counters.chunk_bytes_up, stream_bytes),
+        duplicate_ratio: ratio(dups, stored),
+        push_share: ratio(push, stored),
+        control_overhead: ratio(control, chunk_bytes + origin_stats.counters.chunk_bytes_up),
+        startup_p50_s: startups.get(startups.len() / 2).copied().unwrap_or(0.0),
+        startup_max_s: startups.last().copied().unwrap_or(0.0),
+        cpu_per_peer: cpu / cfg.duration.as_secs_f64() / peers.len().max(1) as f64,
+        per_peer,
+    };
+    origin.shutdown();
+    for p in &peers {
+        p.handle.shutdown();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.shutdown().await;
+    Ok(report)
+}
+
+/// CPU seconds (user + system) used by this process so far; 0 where /proc is not available.
+fn process_cpu_seconds() -> f64 {
+    // Fields 14 and 15 of /proc/self/stat are utime and stime in clock ticks (100 per second on Linux).
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Where a report goes.
+pub fn write_report(report: &LabReport, path: &PathBuf) -> std::io::Result<()> {
+    let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
+    std::fs::write(path, json)
+}
