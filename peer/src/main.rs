@@ -160,25 +160,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {s:?} out of range"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rates_and_durations_parse() {
-        assert_eq!(parse_rate("10M"), Ok(10_000_000));
-        assert_eq!(parse_rate("20Mbit"), Ok(2_500_000));
-        assert_eq!(parse_bits("2.5M"), Ok(2_500_000));
-        assert_eq!(parse_bits("800kbit"), Ok(800_000));
-        assert!(parse_rate("fast").is_err());
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("1 fortnight").is_err());
-        assert_eq!(parse_churn("20%/min"), Ok(0.2));
-        assert_eq!(parse_flash("100/2s"), Ok((100, Duration::from_secs(2))));
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -300,5 +281,24 @@ async fn relay(args: Args) -> Result<()> {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_durations_parse() {
+        assert_eq!(parse_rate("10M"), Ok(10_000_000));
+        assert_eq!(parse_rate("20Mbit"), Ok(2_500_000));
+        assert_eq!(parse_bits("2.5M"), Ok(2_500_000));
+        assert_eq!(parse_bits("800kbit"), Ok(800_000));
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("1 fortnight").is_err());
+        assert_eq!(parse_churn("20%/min"), Ok(0.2));
+        assert_eq!(parse_flash("100/2s"), Ok((100, Duration::from_secs(2))));
     }
 }
