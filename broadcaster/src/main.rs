@@ -128,6 +128,33 @@ struct Args {
     #[arg(long, env = "CROWDSURF_CHUNKS_DIR")]
     chunks_dir: Option<PathBuf>,
 
+    /// Seed the stream into the swarm: accept viewers' and relays' QUIC connections on this UDP address
+    /// (e.g. 0.0.0.0:4433). The ticket viewers paste is printed on start.
+    #[arg(long, env = "CROWDSURF_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+
+    /// Address to put in the ticket instead of the bound one (your public IP and port, or a LAN
+    /// address when --listen is 0.0.0.0).
+    #[arg(long, env = "CROWDSURF_ANNOUNCE", requires = "listen")]
+    announce: Option<std::net::SocketAddr>,
+
+    /// Also write the ticket to this file.
+    #[arg(long, env = "CROWDSURF_TICKET_FILE", requires = "listen")]
+    ticket_file: Option<PathBuf>,
+
+    /// Serve the origin's /metrics and /stats on this local TCP address.
+    #[arg(long, env = "CROWDSURF_HTTP", requires = "listen")]
+    http: Option<std::net::SocketAddr>,
+
+    /// Upload cap for the origin, bytes per second with an optional k/M/G suffix (the origin sends
+    /// each chunk to a few first-tier peers, about twice the stream bitrate).
+    #[arg(long, env = "CROWDSURF_MAX_UPLOAD", requires = "listen", value_parser = parse_bytes_rate)]
+    max_upload: Option<u64>,
+
+    /// The origin's node key file (created with mode 0600 if missing); a fresh node identity otherwise.
+    #[arg(long, env = "CROWDSURF_NODE_KEY", requires = "listen")]
+    node_key: Option<PathBuf>,
+
     /// FFmpeg's own log level: quiet, panic, fatal, error, warning, info, verbose, debug.
     #[arg(long, env = "CROWDSURF_FFMPEG_LOG", default_value = "error")]
     ffmpeg_log: String,
@@ -200,6 +227,87 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     })
 }
 
+/// Parses "10M", "500k", "2500000" (bytes per second).
+fn parse_bytes_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1e3),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = digits.trim().parse().map_err(|_| format!("not a rate: {s:?} (try 10M)"))?;
+    if !(v * mult >= 1.0 && (v * mult).is_finite()) {
+        return Err(format!("rate {s:?} is too small"));
+    }
+    Ok((v * mult) as u64)
+}
+
+/// The swarm side of the broadcaster: an origin node on its own tokio runtime.
+struct Seeder {
+    runtime: tokio::runtime::Runtime,
+    handle: crowdsurf_peer::NodeHandle,
+    node: tokio::task::JoinHandle<Result<(), crowdsurf_peer::NodeError>>,
+    http: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Seeder {
+    fn start(args: &Args, key: &crowdsurf_proto::StreamKey) -> anyhow::Result<Seeder> {
+        use crowdsurf_peer::{Node, NodeConfig, http, keyfile};
+        let Some(listen) = args.listen else { anyhow::bail!("no --listen address") };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("swarm")
+            .enable_all()
+            .build()
+            .context("cannot start the network runtime")?;
+        let secret = match &args.node_key {
+            Some(path) => keyfile::load_or_create(path).context("node key")?.0,
+            None => keyfile::random_secret()?,
+        };
+        let mut config = NodeConfig::new(crowdsurf_proto::NodeKey::from_secret_bytes(secret), key.id(), listen);
+        config.announce = args.announce;
+        config.endpoint.max_upload_bytes_per_sec = args.max_upload;
+        config.swarm.role = crowdsurf_proto::wire::Role::Origin;
+        let _guard = runtime.enter();
+        let (node, handle) = Node::bind(config).with_context(|| format!("cannot listen on {listen}"))?;
+        let ticket = node.ticket();
+        println!("ticket: {ticket}");
+        if let Some(path) = &args.ticket_file {
+            std::fs::write(path, format!("{ticket}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        let http = match args.http {
+            Some(addr) => {
+                let listener =
+                    runtime.block_on(http::bind(addr)).with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+                Some(runtime.spawn(http::serve(listener, handle.stats_cell())))
+            }
+            None => None,
+        };
+        let node = runtime.spawn(node.run());
+        Ok(Seeder { runtime, handle, node, http })
+    }
+
+    /// Gives the last chunks a moment to reach the first tier, says goodbye, and stops.
+    fn finish(self) {
+        std::thread::sleep(Duration::from_millis(500));
+        self.handle.shutdown();
+        if let Ok(Err(e)) = self.runtime.block_on(self.node) {
+            tracing::warn!(error = %e, "origin node ended with an error");
+        }
+        if let Some(h) = self.http {
+            h.abort();
+        }
+        let s = self.handle.stats();
+        tracing::info!(
+            published = s.counters.published,
+            uploaded_bytes = s.counters.chunk_bytes_up,
+            neighbours = s.neighbours,
+            "origin stopped"
+        );
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -240,6 +348,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
     let key = load_or_create_key(&args.key).context("stream key")?;
     println!("stream id: {}", key.id());
 
+    let seeder = args.listen.is_some().then(|| Seeder::start(&args, &key)).transpose()?;
+    let origin = seeder.as_ref().map(|s| s.handle.clone());
+
     let mut record = args.record.as_ref().map(RecordSink::create).transpose().context("--record")?;
     let mut chunks_dir = args.chunks_dir.as_ref().map(ChunksDirSink::create).transpose().context("--chunks-dir")?;
     let mut sink = |chunk: Verified| -> Result<(), SinkError> {
@@ -249,12 +360,21 @@ fn real_main() -> anyhow::Result<ExitCode> {
         if let Some(d) = &mut chunks_dir {
             d.write(&chunk)?;
         }
+        if let Some(origin) = &origin
+            && !origin.publish(chunk)
+        {
+            return Err(SinkError::Closed);
+        }
         Ok(())
     };
 
     let stop = Arc::new(AtomicBool::new(false));
     install_ctrl_c(&stop);
-    let summary = run(&config, &key, &mut sink, &stop)?;
+    let result = run(&config, &key, &mut sink, &stop);
+    if let Some(seeder) = seeder {
+        seeder.finish();
+    }
+    let summary = result?;
     let ms = |d: Option<Duration>| d.map_or_else(|| "-".to_string(), |d| format!("{:.1}", d.as_secs_f64() * 1000.0));
     println!(
         "summary: end={:?} chunks={} (random access {}) bytes={} seq={}..{} media={:.2}s wall={:.2}s video_frames={} \
