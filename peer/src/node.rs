@@ -52,10 +52,15 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// Defaults for a node of `stream` with key `key`, listening on `listen`.
     pub fn new(key: NodeKey, stream: StreamId, listen: SocketAddr) -> Self {
+        let mut endpoint = EndpointConfig::new(listen);
+        // A live stream cannot wait long for a neighbour that vanished without a goodbye: with chunks
+        // or announcements flowing several times a second, 3 s of silence means it is gone.
+        endpoint.idle_timeout = Duration::from_secs(3);
+        endpoint.keep_alive = Duration::from_millis(750);
         NodeConfig {
             key,
             stream,
-            endpoint: EndpointConfig::new(listen),
+            endpoint,
             swarm: swarm::Config::default(),
             bootstrap: Vec::new(),
             chunk_read_timeout: Duration::from_secs(5),

@@ -10,6 +10,11 @@ use crowdsurf_proto::wire::Role;
 use crowdsurf_proto::{NodeKey, StreamKey};
 use tokio::sync::mpsc;
 
+/// These tests run real-time swarms; run them one at a time so they do not starve each other of CPU
+/// on a small machine (a starved node misses deadlines for reasons that have nothing to do with the
+/// protocol).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
 }
@@ -145,6 +150,7 @@ async fn collect_until(rx: &mut mpsc::UnboundedReceiver<Delivery>, last: u64) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_relays_receive_every_chunk_in_order() {
+    let _serial = SERIAL.lock().await;
     let mut swarm = start(20).await;
     let seqs = publish(&swarm.origin, &swarm.stream, 4000, 80).await;
     let last = *seqs.last().unwrap();
@@ -173,6 +179,7 @@ async fn twenty_relays_receive_every_chunk_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_third_of_the_relays_loses_nothing_at_the_survivors() {
+    let _serial = SERIAL.lock().await;
     let mut swarm = start(15).await;
     let mut publisher = Publisher::new(&swarm.stream, 8000);
     publisher.publish(&swarm.origin, 20).await;
@@ -193,6 +200,7 @@ async fn killing_a_third_of_the_relays_loses_nothing_at_the_survivors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_relay_starts_at_a_random_access_chunk_within_its_latency() {
+    let _serial = SERIAL.lock().await;
     let mut swarm = start(6).await;
     let mut publisher = Publisher::new(&swarm.stream, 12000);
     let edge = publisher.publish(&swarm.origin, 16).await;
@@ -231,6 +239,7 @@ async fn a_late_relay_starts_at_a_random_access_chunk_within_its_latency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forging_neighbour_is_dropped_banned_and_its_chunk_never_delivered() {
+    let _serial = SERIAL.lock().await;
     use crowdsurf_peer::net::{Endpoint, EndpointConfig, NetError};
     use crowdsurf_proto::chunk::{Flags, Verified};
     use crowdsurf_proto::window::BufferMap;
