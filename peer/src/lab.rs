@@ -6,17 +6,15 @@
 //! rate) and flash crowd (a batch of peers joins within a short time mid-run).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crowdsurf_proto::wire::Role;
 use crowdsurf_proto::{NodeKey, StreamKey};
-use hdrhistogram::Histogram;
-use serde::Serialize;
 
 use crate::node::{Node, NodeConfig, NodeHandle};
+use crate::report::{Event, PeerRaw, Report, RunTotals, Scenario};
 use crate::source::SyntheticSource;
-use crate::stats::{LatencySummary, NodeStats};
+use crate::stats::NodeStats;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -69,64 +67,6 @@ impl Default for LabConfig {
     }
 }
 
-/// One peer's outcome.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerReport {
-    /// Short node id.
-    pub node: String,
-    /// When it joined, seconds from the start.
-    pub joined_at_s: f64,
-    /// When it left, if it did.
-    pub left_at_s: Option<f64>,
-    /// Seconds from joining to its first delivered chunk.
-    pub startup_s: Option<f64>,
-    /// Its figures at the end (or when it left).
-    pub stats: NodeStats,
-}
-
-/// The lab's report.
-#[derive(Debug, Clone, Serialize)]
-pub struct LabReport {
-    /// "lab".
-    pub kind: &'static str,
-    /// Peers at the start.
-    pub peers: usize,
-    /// Peers that ever joined.
-    pub peers_total: usize,
-    /// Stream seconds.
-    pub duration_s: f64,
-    /// Stream bitrate.
-    pub bitrate_bps: u64,
-    /// Chunk duration.
-    pub chunk_ms: u32,
-    /// Chunks published.
-    pub published: u64,
-    /// Arrival latency over all peers' first copies.
-    pub arrival_latency: LatencySummary,
-    /// Lowest continuity among peers present at the end.
-    pub continuity_min: f64,
-    /// Mean continuity among peers present at the end.
-    pub continuity_mean: f64,
-    /// Chunks skipped at all peers.
-    pub skipped_total: u64,
-    /// The origin's chunk upload / stream bytes.
-    pub origin_upload_ratio: f64,
-    /// Duplicates / chunks stored, over all peers.
-    pub duplicate_ratio: f64,
-    /// Share of chunks that arrived by push, over all peers.
-    pub push_share: f64,
-    /// Control bytes / chunk bytes, over all peers.
-    pub control_overhead: f64,
-    /// Startup time (join to first delivery) p50 and max, seconds.
-    pub startup_p50_s: f64,
-    /// Slowest startup.
-    pub startup_max_s: f64,
-    /// Process CPU time per relay per second of stream, as a share of one core.
-    pub cpu_per_peer: f64,
-    /// Every peer.
-    pub per_peer: Vec<PeerReport>,
-}
-
 struct Peer {
     handle: NodeHandle,
     joined: Instant,
@@ -161,7 +101,7 @@ fn fastrand_like(mut state: u64) -> impl FnMut() -> u64 {
 }
 
 /// Runs the lab to the end and returns its report.
-pub async fn run(cfg: LabConfig) -> Result<LabReport, crate::NodeError> {
+pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
     let stream = StreamKey::from_secret_bytes(key(cfg.seed, u64::MAX));
     let stream_id = stream.id();
@@ -178,6 +118,8 @@ pub async fn run(cfg: LabConfig) -> Result<LabReport, crate::NodeError> {
     });
     let cpu_start = process_cpu_seconds();
     let start = Instant::now();
+    let start_us = now_us();
+    let mut events: Vec<Event> = Vec::new();
     let mut peers: Vec<Peer> = Vec::new();
     let mut deliveries = Vec::new();
     let mut next_key = 1u64;
@@ -231,13 +173,18 @@ pub async fn run(cfg: LabConfig) -> Result<LabReport, crate::NodeError> {
                         p.final_stats = Some(p.handle.stats());
                         p.abort.abort();
                         p.left = Some(Instant::now());
+                        events.push(Event { t_s: start.elapsed().as_secs_f64(), kind: "leave" });
                     }
                     join(&mut tasks, &mut peers, &mut deliveries)?;
+                    events.push(Event { t_s: start.elapsed().as_secs_f64(), kind: "join" });
                 }
                 let elapsed = start.elapsed();
                 if cfg.flash > flash_joined && elapsed >= cfg.flash_at {
                     let share = ((elapsed - cfg.flash_at).as_secs_f64() / cfg.flash_over.as_secs_f64().max(0.001)).min(1.0);
                     let due = (share * cfg.flash as f64).ceil() as usize;
+                    if flash_joined == 0 {
+                        events.push(Event { t_s: elapsed.as_secs_f64(), kind: "flash" });
+                    }
                     while flash_joined < due {
                         join(&mut tasks, &mut peers, &mut deliveries)?;
                         flash_joined += 1;
@@ -274,63 +221,58 @@ pub async fn run(cfg: LabConfig) -> Result<LabReport, crate::NodeError> {
     }
     let cpu = process_cpu_seconds() - cpu_start;
     let origin_stats = origin.stats();
-    let mut merged = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!());
-    let mut per_peer = Vec::new();
-    let (mut dups, mut stored, mut push, mut control, mut chunk_bytes, mut skipped) = (0, 0, 0, 0, 0, 0);
-    let mut continuities = Vec::new();
-    let mut startups = Vec::new();
-    for p in &peers {
-        let stats = p.final_stats.clone().unwrap_or_else(|| p.handle.stats());
-        if p.left.is_none() {
-            let _ = merged.add(p.handle.stats_cell().arrival_histogram());
-            continuities.push(stats.continuity);
-            skipped += stats.counters.skipped;
-        }
-        dups += stats.counters.duplicates;
-        stored += stats.counters.push + stats.counters.pull;
-        push += stats.counters.push;
-        control += stats.counters.control_bytes_up;
-        chunk_bytes += stats.counters.chunk_bytes_up;
-        let startup = p.first_delivery.map(|f| (f - p.joined).as_secs_f64());
-        if let Some(s) = startup {
-            startups.push(s);
-        }
-        per_peer.push(PeerReport {
-            node: stats.node.clone(),
-            joined_at_s: (p.joined - start).as_secs_f64(),
-            left_at_s: p.left.map(|l| (l - start).as_secs_f64()),
-            startup_s: startup,
-            stats,
-        });
-    }
-    startups.sort_by(f64::total_cmp);
-    let stream_bytes = published * cfg.bitrate_bps * u64::from(cfg.chunk_ms) / 8000;
-    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    let report = LabReport {
-        kind: "lab",
+    let upload_bps = cfg.max_upload.map(|b| b * 8);
+    let raw: Vec<PeerRaw> = peers
+        .iter()
+        .map(|p| {
+            let stats = p.final_stats.clone().unwrap_or_else(|| p.handle.stats());
+            let c = &stats.counters;
+            PeerRaw {
+                node: stats.node.clone(),
+                joined_at_s: (p.joined - start).as_secs_f64(),
+                left_at_s: p.left.map(|l| (l - start).as_secs_f64()),
+                startup_s: p.first_delivery.map(|f| (f - p.joined).as_secs_f64()),
+                arrivals: p
+                    .handle
+                    .stats_cell()
+                    .arrival_samples()
+                    .into_iter()
+                    .map(|(t, lat)| (t.saturating_sub(start_us) as f64 / 1e6, lat))
+                    .collect(),
+                delivered: c.delivered,
+                skipped: c.skipped,
+                push: c.push,
+                pull: c.pull,
+                duplicates: c.duplicates,
+                chunk_bytes_up: c.chunk_bytes_up,
+                control_bytes_up: c.control_bytes_up,
+                parent: stats.parent_ids.first().cloned().flatten(),
+                upload_bps,
+                parent_delay_us: 0,
+                adversary: false,
+            }
+        })
+        .collect();
+    let scenario = Scenario {
         peers: cfg.peers,
-        peers_total: peers.len(),
         duration_s: cfg.duration.as_secs_f64(),
         bitrate_bps: cfg.bitrate_bps,
         chunk_ms: cfg.chunk_ms,
-        published,
-        arrival_latency: LatencySummary::of(&merged),
-        continuity_min: continuities.iter().copied().fold(1.0, f64::min),
-        continuity_mean: if continuities.is_empty() {
-            0.0
-        } else {
-            continuities.iter().sum::<f64>() / continuities.len() as f64
-        },
-        skipped_total: skipped,
-        origin_upload_ratio: ratio(origin_stats.counters.chunk_bytes_up, stream_bytes),
-        duplicate_ratio: ratio(dups, stored),
-        push_share: ratio(push, stored),
-        control_overhead: ratio(control, chunk_bytes + origin_stats.counters.chunk_bytes_up),
-        startup_p50_s: startups.get(startups.len() / 2).copied().unwrap_or(0.0),
-        startup_max_s: startups.last().copied().unwrap_or(0.0),
-        cpu_per_peer: cpu / cfg.duration.as_secs_f64() / peers.len().max(1) as f64,
-        per_peer,
+        churn_per_min: cfg.churn_per_min,
+        flash: cfg.flash,
+        seed: cfg.seed,
+        ..Default::default()
     };
+    let totals = RunTotals {
+        published,
+        chunk_bytes: cfg.bitrate_bps * u64::from(cfg.chunk_ms) / 8000,
+        origin_bytes_up: origin_stats.counters.chunk_bytes_up,
+        origin: origin_stats.node.clone(),
+        origin_upload_bps: None,
+        cpu_per_peer: Some(cpu / cfg.duration.as_secs_f64() / peers.len().max(1) as f64),
+        wall_s: start.elapsed().as_secs_f64(),
+    };
+    let report = Report::build("lab", scenario, &totals, &raw, events);
     origin.shutdown();
     for p in &peers {
         p.handle.shutdown();
@@ -348,10 +290,4 @@ fn process_cpu_seconds() -> f64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (tick(11) + tick(12)) / 100.0
-}
-
-/// Where a report goes.
-pub fn write_report(report: &LabReport, path: &PathBuf) -> std::io::Result<()> {
-    let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
-    std::fs::write(path, json)
 }

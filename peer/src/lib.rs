@@ -8,6 +8,8 @@
 //! - [`node`]: the driver that runs the state machine over [`net`]; the caller runs its future.
 //! - [`stats`]: latency histograms and counters, as JSON and Prometheus text.
 //! - [`http`]: the optional local `/metrics` and `/stats` listener.
+//! - [`lab`]: N real nodes on loopback, measured; [`report`]: the report and plots shared with the
+//!   simulator.
 //! - [`keyfile`]: node and stream keys kept in files with owner-only permissions.
 
 pub mod http;
@@ -15,6 +17,7 @@ pub mod keyfile;
 pub mod lab;
 pub mod net;
 pub mod node;
+pub mod report;
 pub mod source;
 pub mod stats;
 

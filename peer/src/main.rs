@@ -66,6 +66,9 @@ struct LabArgs {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Write SVG plots here (latency CDF, latency over time, latency against tree depth).
+    #[arg(long)]
+    plots: Option<PathBuf>,
 }
 
 /// Parses a bitrate in bits per second: "2.5M", "800k", "2500000", "2.5Mbit".
@@ -191,24 +194,17 @@ async fn run_lab(a: LabArgs) -> Result<()> {
     };
     eprintln!("lab: {} peers, {:?}, {} bit/s in {} ms chunks", a.peers, a.duration, a.bitrate, a.chunk_ms);
     let report = crowdsurf_peer::lab::run(cfg).await.context("lab failed")?;
-    println!(
-        "arrival latency p50 {:.0} ms p90 {:.0} ms p99 {:.0} ms max {:.0} ms | continuity min {:.3} % mean {:.3} % | origin upload {:.2}x | duplicates {:.2} % | push {:.1} % | startup p50 {:.2} s max {:.2} s | CPU per relay {:.1} % of a core",
-        report.arrival_latency.p50_ms,
-        report.arrival_latency.p90_ms,
-        report.arrival_latency.p99_ms,
-        report.arrival_latency.max_ms,
-        report.continuity_min * 100.0,
-        report.continuity_mean * 100.0,
-        report.origin_upload_ratio,
-        report.duplicate_ratio * 100.0,
-        report.push_share * 100.0,
-        report.startup_p50_s,
-        report.startup_max_s,
-        report.cpu_per_peer * 100.0,
-    );
+    println!("{}", report.headline());
+    if let Some(cpu) = report.cpu_per_peer {
+        println!("CPU per relay: {:.1} % of a core", cpu * 100.0);
+    }
     if let Some(path) = &a.report {
-        crowdsurf_peer::lab::write_report(&report, path).with_context(|| format!("cannot write {}", path.display()))?;
+        report.write_json(path).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("report written to {}", path.display());
+    }
+    if let Some(dir) = &a.plots {
+        crowdsurf_peer::report::write_plots(&report, dir)?;
+        eprintln!("plots written to {}", dir.display());
     }
     Ok(())
 }

@@ -53,6 +53,8 @@ pub struct NodeStats {
     pub neighbours: usize,
     /// Substreams with a parent.
     pub parents: usize,
+    /// The parent per substream (short node ids).
+    pub parent_ids: Vec<Option<String>>,
     /// (child, substream) subscriptions served.
     pub children: usize,
     /// Highest sequence number known.
@@ -116,10 +118,15 @@ impl From<&Counters> for CountersView {
     }
 }
 
+/// At most this many (time, latency) arrival samples are kept for time series (about 7 hours of
+/// 250 ms chunks); older ones are dropped.
+const MAX_SAMPLES: usize = 100_000;
+
 struct Inner {
     node: NodeId,
     role: Role,
     arrival: Histogram<u64>,
+    samples: std::collections::VecDeque<(u64, u64)>,
     delivery: Histogram<u64>,
     swarm: Option<SwarmView>,
 }
@@ -128,6 +135,7 @@ struct Inner {
 struct SwarmView {
     neighbours: usize,
     parents: usize,
+    parent_ids: Vec<Option<String>>,
     children: usize,
     live_edge: Option<u64>,
     cursor: Option<u64>,
@@ -146,7 +154,14 @@ fn histogram() -> Histogram<u64> {
 
 impl StatsCell {
     pub(crate) fn new(node: NodeId, role: Role) -> Self {
-        StatsCell(Arc::new(Mutex::new(Inner { node, role, arrival: histogram(), delivery: histogram(), swarm: None })))
+        StatsCell(Arc::new(Mutex::new(Inner {
+            node,
+            role,
+            arrival: histogram(),
+            samples: Default::default(),
+            delivery: histogram(),
+            swarm: None,
+        })))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -156,7 +171,12 @@ impl StatsCell {
 
     pub(crate) fn record_arrival(&self, chunk: &Verified, now_us: u64, offset_us: i64) {
         let lat = latency(chunk, now_us, offset_us);
-        self.lock().arrival.saturating_record(lat);
+        let mut inner = self.lock();
+        inner.arrival.saturating_record(lat);
+        if inner.samples.len() >= MAX_SAMPLES {
+            inner.samples.pop_front();
+        }
+        inner.samples.push_back((now_us, lat));
     }
 
     pub(crate) fn record_delivery(&self, chunk: &Verified, now_us: u64, offset_us: i64) {
@@ -168,6 +188,7 @@ impl StatsCell {
         let view = SwarmView {
             neighbours: swarm.neighbour_count(),
             parents: swarm.parents().iter().filter(|p| p.is_some()).count(),
+            parent_ids: swarm.parents().iter().map(|p| p.map(|id| id.fmt_short())).collect(),
             children: swarm.children(),
             live_edge: swarm.live_edge(),
             cursor: swarm.playback_cursor(),
@@ -175,6 +196,11 @@ impl StatsCell {
             counters: swarm.counters().clone(),
         };
         self.lock().swarm = Some(view);
+    }
+
+    /// Recent (arrival time µs, latency µs) samples, oldest first, for time series.
+    pub fn arrival_samples(&self) -> Vec<(u64, u64)> {
+        self.lock().samples.iter().copied().collect()
     }
 
     /// The arrival-latency histogram (µs), for reports that merge many nodes.
@@ -198,6 +224,7 @@ impl StatsCell {
             },
             neighbours: v.as_ref().map_or(0, |v| v.neighbours),
             parents: v.as_ref().map_or(0, |v| v.parents),
+            parent_ids: v.as_ref().map_or_else(Vec::new, |v| v.parent_ids.clone()),
             children: v.as_ref().map_or(0, |v| v.children),
             live_edge: v.as_ref().and_then(|v| v.live_edge),
             playback_cursor: v.as_ref().and_then(|v| v.cursor),
