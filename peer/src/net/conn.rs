@@ -184,6 +184,12 @@ impl Connection {
         self.inner.close_reason().map(NetError::from_connection)
     }
 
+    /// The quinn connection underneath, for tests and diagnostics. Streams opened on it bypass this
+    /// layer's framing, priorities and upload cap.
+    pub fn quinn(&self) -> &quinn::Connection {
+        &self.inner
+    }
+
     /// Transport figures so far.
     pub fn stats(&self) -> ConnStats {
         let s = self.inner.stats();
