@@ -18,6 +18,7 @@ pub mod lab;
 pub mod net;
 pub mod node;
 pub mod report;
+pub mod simulate;
 pub mod source;
 pub mod stats;
 

@@ -32,6 +32,68 @@ enum Command {
     ///
     /// Example: crowdsurf-peer lab --peers 50 --duration 30s --report lab.json
     Lab(LabArgs),
+    /// Simulate a swarm: the same state machine in virtual time, thousands of peers, seeded and
+    /// reproducible; writes the same report as `lab`.
+    ///
+    /// Example: crowdsurf-peer sim --peers 10000 --duration 60s --delay-ms 30 --upload-mean 3 --slow-share 0.2
+    Sim(SimArgs),
+    /// Plot origin upload and p99 latency against audience size from several reports.
+    ///
+    /// Example: crowdsurf-peer plot sim100.json sim1000.json sim10000.json --plots plots/
+    Plot {
+        /// Reports written by `lab` or `sim`.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Where to write origin_upload_vs_peers.svg.
+        #[arg(long, default_value = "plots")]
+        plots: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct SimArgs {
+    /// Peers at the start.
+    #[arg(long, default_value_t = 1000)]
+    peers: usize,
+    /// Stream duration (virtual).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Stream bitrate in bits per second (k/M suffixes).
+    #[arg(long, default_value = "2.5M", value_parser = parse_bits)]
+    bitrate: u64,
+    /// Chunk duration in ms.
+    #[arg(long, default_value_t = 250)]
+    chunk_ms: u32,
+    /// Target latency.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    latency: Duration,
+    /// Mean one-way delay between peers, ms.
+    #[arg(long, default_value_t = 30.0)]
+    delay_ms: f64,
+    /// Jitter bound, ms.
+    #[arg(long, default_value_t = 2.0)]
+    jitter_ms: f64,
+    /// Mean upload as a multiple of the bitrate.
+    #[arg(long, default_value_t = 3.0)]
+    upload_mean: f64,
+    /// Share of peers whose upload is below the bitrate.
+    #[arg(long, default_value_t = 0.2)]
+    slow_share: f64,
+    /// Churn: share of the peers replaced per minute, e.g. 20%/min.
+    #[arg(long, default_value = "0", value_parser = parse_churn)]
+    churn: f64,
+    /// Flash crowd: N peers joining within T, e.g. 1000/2s (starts 10 s in).
+    #[arg(long, value_parser = parse_flash)]
+    flash: Option<(usize, Duration)>,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write SVG plots here.
+    #[arg(long)]
+    plots: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -173,6 +235,8 @@ async fn main() -> Result<()> {
         .init();
     match cli.command {
         Some(Command::Lab(lab)) => run_lab(lab).await,
+        Some(Command::Sim(sim)) => run_sim(sim),
+        Some(Command::Plot { reports, plots }) => plot(&reports, &plots),
         None => relay(cli.relay).await,
     }
 }
@@ -206,6 +270,58 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         crowdsurf_peer::report::write_plots(&report, dir)?;
         eprintln!("plots written to {}", dir.display());
     }
+    Ok(())
+}
+
+fn run_sim(a: SimArgs) -> Result<()> {
+    let (flash, flash_over) = a.flash.unwrap_or((0, Duration::from_secs(2)));
+    let sc = crowdsurf_peer::simulate::SimScenario {
+        peers: a.peers,
+        duration: a.duration,
+        bitrate_bps: a.bitrate,
+        chunk_ms: a.chunk_ms,
+        latency: a.latency,
+        delay_ms: a.delay_ms,
+        jitter_ms: a.jitter_ms,
+        upload_mean: a.upload_mean,
+        slow_share: a.slow_share,
+        churn_per_min: a.churn,
+        flash,
+        flash_over,
+        seed: a.seed,
+        ..Default::default()
+    };
+    eprintln!("simulating {} peers for {:?} of stream (seed {})...", a.peers, a.duration, a.seed);
+    let report = crowdsurf_peer::simulate::run(&sc);
+    println!("{}", report.headline());
+    println!("simulated in {:.1} s of wall time", report.wall_s);
+    if let Some(path) = &a.report {
+        report.write_json(path).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    if let Some(dir) = &a.plots {
+        crowdsurf_peer::report::write_plots(&report, dir)?;
+        eprintln!("plots written to {}", dir.display());
+    }
+    Ok(())
+}
+
+/// Reads the fields the scaling plot needs back from report files.
+fn plot(paths: &[PathBuf], dir: &std::path::Path) -> Result<()> {
+    let mut points = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a JSON report", path.display()))?;
+        let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+        let p99 = v.pointer("/arrival_latency/p99_ms").and_then(serde_json::Value::as_f64);
+        match (num("peers_total"), num("origin_upload_ratio"), p99) {
+            (Some(n), Some(up), Some(p99)) => points.push((n, up, p99)),
+            _ => anyhow::bail!("{} is not a crowdsurf lab or sim report", path.display()),
+        }
+    }
+    crowdsurf_peer::report::write_scaling_plot_points(&points, dir)?;
+    eprintln!("plot written to {}", dir.join("origin_upload_vs_peers.svg").display());
     Ok(())
 }
 

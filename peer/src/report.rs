@@ -402,10 +402,11 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<(), PlotError> {
     Ok(())
 }
 
-/// Draws `origin_upload_vs_peers.svg` (and p99 latency) from reports of runs with different N.
-pub fn write_scaling_plot(reports: &[Report], dir: &Path) -> Result<(), PlotError> {
+/// Draws `origin_upload_vs_peers.svg` (and p99 latency) from (peers, origin upload ratio, p99 ms) of
+/// runs with different N.
+pub fn write_scaling_plot_points(points: &[(f64, f64, f64)], dir: &Path) -> Result<(), PlotError> {
     std::fs::create_dir_all(dir).map_err(|source| PlotError::Io { dir: dir.display().to_string(), source })?;
-    plots::scaling(reports, &dir.join("origin_upload_vs_peers.svg"))
+    plots::scaling(points, &dir.join("origin_upload_vs_peers.svg"))
         .map_err(|m| PlotError::Draw { plot: "origin upload against N", message: m })
 }
 
@@ -519,13 +520,10 @@ mod plots {
         root.present().map_err(e)
     }
 
-    pub(super) fn scaling(reports: &[Report], path: &Path) -> Result<(), String> {
+    pub(super) fn scaling(points: &[(f64, f64, f64)], path: &Path) -> Result<(), String> {
         let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(e)?;
-        let mut pts: Vec<(f64, f64, f64)> = reports
-            .iter()
-            .map(|r| (r.peers_total as f64, r.origin_upload_ratio, r.arrival_latency.p99_ms / 1000.0))
-            .collect();
+        let mut pts: Vec<(f64, f64, f64)> = points.iter().map(|&(n, up, p99)| (n, up, p99 / 1000.0)).collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         let n_max = pts.iter().map(|p| p.0).fold(10.0, f64::max) * 1.5;
         let y_max = pts.iter().map(|p| p.1.max(p.2)).fold(2.5, f64::max) * 1.1;

@@ -138,6 +138,10 @@ pub struct NodeResult {
     pub id: String,
     /// Its push-tree depth at the end (hops from the origin along parents), if it could be traced.
     pub depth: Option<u32>,
+    /// Its substream-0 parent at the end (short id), and the modelled one-way delay from it, µs.
+    pub parent: Option<(String, u64)>,
+    /// Chunk bytes it uploaded, at the modelled chunk size.
+    pub chunk_bytes_up: u64,
 }
 
 /// The outcome of a run.
@@ -159,6 +163,10 @@ pub struct SimResult {
     pub forged_relayed: u64,
     /// Events processed.
     pub events: u64,
+    /// The origin's short id.
+    pub origin_id: String,
+    /// Virtual time at the start, µs (subtract from event times).
+    pub start_us: Time,
 }
 
 enum Payload {
@@ -265,6 +273,7 @@ impl Sim {
             cfg,
         };
         let start = sim.now;
+        sim.out.start_us = start;
         for (i, key) in keys.into_iter().enumerate() {
             let (pos, upload_bps, adversary) = if i == 0 {
                 (sim.cfg.origin_pos, sim.cfg.origin_upload_bps, None)
@@ -623,6 +632,8 @@ impl Sim {
         self.out.chunk_bytes += self.chunk_bytes;
         if i == 0 {
             self.out.origin_bytes_up += self.chunk_bytes;
+        } else {
+            self.results[i - 1].chunk_bytes_up += self.chunk_bytes;
         }
         if let Some(&(_, peer, peer_conn)) = self.conns.get(&conn) {
             let d = self.delay(i, peer);
@@ -639,6 +650,14 @@ impl Sim {
         r.counters = s.counters().clone();
         r.cursor_and_edge = (s.playback_cursor(), s.live_edge());
         r.id = s.node_id().fmt_short();
+        if let Some(parent) = s.parents().first().copied().flatten()
+            && let Some(&p) = self.by_id.get(&parent)
+        {
+            let (pa, pb) = (self.nodes[i].pos, self.nodes[p].pos);
+            let d = ((pa.0 - pb.0).powi(2) + (pa.1 - pb.1).powi(2)).sqrt();
+            let delay = self.cfg.base_delay_us + (d * self.cfg.distance_delay_us as f64) as u64;
+            r.parent = Some((parent.fmt_short(), delay));
+        }
         self.out.control_bytes += s.counters().control_bytes_up;
     }
 
@@ -670,6 +689,7 @@ impl Sim {
             self.results[i - 1].depth = depth;
         }
         self.out.nodes = std::mem::take(&mut self.results);
+        self.out.origin_id = self.nodes[0].key.id().fmt_short();
         self.out
     }
 }
