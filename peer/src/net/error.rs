@@ -56,9 +56,13 @@ pub enum NetError {
     /// The other side does not speak our protocol (ALPN `crowdsurf/1`).
     #[error("the peer does not speak {} (ALPN mismatch)", String::from_utf8_lossy(crowdsurf_proto::ALPN))]
     AlpnMismatch,
-    /// No answer in time: a handshake, a chunk read, or an idle connection.
+    /// A deadline of ours passed: a connect or accept handshake, or a chunk read
+    /// ([`super::IncomingChunk::read`]). The connection itself may still be fine.
     #[error("timed out")]
     TimedOut,
+    /// Nothing came from the peer for longer than the idle timeout: the connection is gone.
+    #[error("connection idle for too long (peer gone)")]
+    IdleTimeout,
     /// The peer closed the connection with an application code (a goodbye).
     #[error("closed by peer: {reason:?} (code {code}) {message:?}")]
     ClosedByPeer {
@@ -141,18 +145,18 @@ impl NetError {
                 }
             }
             ConnectionError::LocallyClosed => NetError::LocallyClosed,
-            ConnectionError::TimedOut => NetError::TimedOut,
+            ConnectionError::TimedOut => NetError::IdleTimeout,
             ConnectionError::TransportError(ref e) if e.code == no_alpn => NetError::AlpnMismatch,
             ConnectionError::ConnectionClosed(ref c) if c.error_code == no_alpn => NetError::AlpnMismatch,
             other => NetError::Connection(other),
         }
     }
 
-    /// Whether the whole connection is gone (as opposed to one stream or one message).
+    /// Whether the whole connection is gone (as opposed to one stream, one message or one deadline).
     pub fn is_connection_lost(&self) -> bool {
         matches!(
             self,
-            NetError::ClosedByPeer { .. } | NetError::LocallyClosed | NetError::Connection(_) | NetError::TimedOut
+            NetError::ClosedByPeer { .. } | NetError::LocallyClosed | NetError::Connection(_) | NetError::IdleTimeout
         )
     }
 }

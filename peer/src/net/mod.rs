@@ -211,7 +211,7 @@ impl Endpoint {
                 Ok(conn) => return Ok(conn),
                 Err(err) => {
                     tracing::debug!(peer = %peer.id.fmt_short(), %addr, error = %err, "connect attempt failed");
-                    if best.is_none() || !matches!(err, NetError::TimedOut) {
+                    if best.is_none() || !matches!(err, NetError::TimedOut | NetError::IdleTimeout) {
                         best = Some(err);
                     }
                 }
