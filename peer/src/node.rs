@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crowdsurf_proto::chunk::{Verified, Verifier};
@@ -47,6 +48,13 @@ pub struct NodeConfig {
     pub max_chunk_reads_per_neighbour: usize,
     /// An address to announce instead of the bound one (e.g. 127.0.0.1 when bound to 0.0.0.0).
     pub announce: Option<SocketAddr>,
+    /// The most chunk streams being sent to one neighbour at once; a chunk for a neighbour that is
+    /// this far behind is not queued (a reader that never drains cannot make us buffer without end).
+    pub max_chunk_sends_per_neighbour: usize,
+    /// A chunk not delivered to a neighbour within this is abandoned (its deadline has passed).
+    pub chunk_send_timeout: Duration,
+    /// The most handshakes in progress at once; more connection attempts are refused unanswered.
+    pub max_pending_handshakes: usize,
 }
 
 impl NodeConfig {
@@ -66,6 +74,9 @@ impl NodeConfig {
             chunk_read_timeout: Duration::from_secs(5),
             max_chunk_reads_per_neighbour: 32,
             announce: None,
+            max_chunk_sends_per_neighbour: 32,
+            chunk_send_timeout: Duration::from_secs(3),
+            max_pending_handshakes: 64,
         }
     }
 }
@@ -248,6 +259,7 @@ impl Node {
         let mut conns: HashMap<ConnId, (mpsc::UnboundedSender<ConnCommand>, Connection)> = HashMap::new();
         let mut sends: HashMap<(ConnId, u64), AbortHandle> = HashMap::new();
         let mut next_conn = 1u64;
+        let handshakes = Arc::new(AtomicUsize::new(0));
         let now = self.clock.now_us();
         self.swarm.add_peers(now, self.config.bootstrap.clone());
         let mut stats_at = Instant::now();
@@ -271,9 +283,19 @@ impl Node {
                 },
                 incoming = self.endpoint.accept_incoming() => {
                     let Some(incoming) = incoming else { break };
+                    let pending = handshakes.load(Ordering::Relaxed);
+                    if pending >= self.config.max_pending_handshakes {
+                        debug!(from = %incoming.remote_addr(), pending, "too many handshakes at once; refusing");
+                        incoming.refuse();
+                        continue;
+                    }
+                    handshakes.fetch_add(1, Ordering::Relaxed);
+                    let counter = handshakes.clone();
                     let tx = events_tx.clone();
                     tasks.spawn(async move {
-                        match incoming.finish().await {
+                        let result = incoming.finish().await;
+                        counter.fetch_sub(1, Ordering::Relaxed);
+                        match result {
                             Ok(conn) => { let _ = tx.send(ConnEvent::Up { conn, outbound: false }); }
                             Err(e) => debug!(error = %e, "inbound handshake failed"),
                         }
@@ -370,12 +392,26 @@ impl Node {
                         self.swarm.handle_chunk_sent(self.clock.now_us(), conn, seq);
                         continue;
                     };
+                    let in_flight = sends.keys().filter(|(c, _)| *c == conn).count();
+                    if in_flight >= self.config.max_chunk_sends_per_neighbour {
+                        debug!(
+                            conn = conn.0,
+                            seq, in_flight, "neighbour is not draining its chunk streams; not queueing more"
+                        );
+                        self.swarm.handle_chunk_sent(self.clock.now_us(), conn, seq);
+                        continue;
+                    }
                     let connection = connection.clone();
                     let tx = events.clone();
+                    let timeout = self.config.chunk_send_timeout;
                     let handle = tasks.spawn(
                         async move {
-                            if let Err(e) = connection.send_chunk(&chunk, priority).await {
-                                trace!(seq, error = %e, "chunk send ended early");
+                            // Past the timeout the chunk is useless to the receiver: dropping the send
+                            // resets the stream.
+                            match tokio::time::timeout(timeout, connection.send_chunk(&chunk, priority)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => trace!(seq, error = %e, "chunk send ended early"),
+                                Err(_) => debug!(seq, "chunk send timed out; abandoned"),
                             }
                             let _ = tx.send(ConnEvent::Sent { id: conn, seq });
                         }
