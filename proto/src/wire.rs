@@ -233,6 +233,11 @@ pub enum GoodbyeReason {
 }
 
 impl GoodbyeReason {
+    /// The reason for a wire byte or QUIC close code (codes above 255 are not goodbye reasons).
+    pub fn from_code(code: u64) -> Option<Self> {
+        u8::try_from(code).ok().and_then(|v| Self::from_u8(v).ok())
+    }
+
     fn from_u8(v: u8) -> Result<Self, DecodeError> {
         use GoodbyeReason::*;
         Ok(match v {

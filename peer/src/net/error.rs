@@ -212,18 +212,7 @@ pub(crate) fn from_read_exact(err: ReadExactError, expected: u64, before: u64) -
     }
 }
 
-/// The goodbye reason whose code this is. (The proto crate keeps its own decoder private.)
+/// The goodbye reason whose code this is.
 pub(crate) fn goodbye_reason(code: u64) -> Option<GoodbyeReason> {
-    use GoodbyeReason::*;
-    Some(match code {
-        0 => Leaving,
-        1 => Full,
-        2 => WrongStream,
-        3 => UnsupportedVersion,
-        4 => Misbehaved,
-        5 => Useless,
-        6 => Duplicate,
-        7 => EndOfStream,
-        _ => return None,
-    })
+    GoodbyeReason::from_code(code)
 }
