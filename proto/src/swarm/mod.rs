@@ -104,6 +104,13 @@ pub struct Config {
     pub parent_max_misses: u32,
     /// On the origin: repair answers per second (each is one chunk of upload).
     pub origin_repair_per_s: f64,
+    /// On the origin: repair copies of each chunk served beyond the `origin_repair_per_s` budget
+    /// when the chunk has been out for a while (its first tier evidently did not spread it).
+    pub origin_free_repairs: u8,
+    /// On the origin: distinct nodes asking it, within two seconds, for chunks of one substream
+    /// that its first tier should long have spread, before it rotates a first-tier slot of that
+    /// substream.
+    pub origin_rotate_demand: usize,
 }
 
 impl Default for Config {
@@ -129,6 +136,8 @@ impl Default for Config {
             parent_min_dwell_us: 5_000_000,
             parent_max_misses: 3,
             origin_repair_per_s: 1.0,
+            origin_free_repairs: 1,
+            origin_rotate_demand: 4,
         }
     }
 }
@@ -243,6 +252,8 @@ pub struct Counters {
     pub bans: u64,
     /// Parent changes.
     pub parent_changes: u64,
+    /// On the origin: first-tier children released because their substream was not spreading.
+    pub tier_rotations: u64,
 }
 
 /// What we know of a node we are not necessarily connected to.
@@ -272,6 +283,9 @@ pub struct Swarm {
     requests: HashMap<u64, (ConnId, Time)>,
     /// Parent per substream.
     parents: Vec<Option<ConnId>>,
+    /// Per substream: a better parent asked while the current one keeps pushing, and when to
+    /// take it on if it has not refused.
+    switching: Vec<Option<(ConnId, Time)>>,
     /// Per substream: since when the current parent has been ours.
     parent_since: Vec<Time>,
     /// Per substream: pushes the current parent announced but that had to be pulled, in a row.
@@ -285,6 +299,17 @@ pub struct Swarm {
     cursor_started: bool,
     origin_offset: (i64, u64),
     origin_repair: TokenBucket,
+    /// On the origin: repair copies served per recent chunk.
+    origin_repaired: BTreeMap<u64, u8>,
+    /// On the origin, per substream: recent (time, requester) of requests for chunks its first tier
+    /// should have spread.
+    tier_demand: Vec<VecDeque<(Time, ConnId)>>,
+    /// On the origin, per substream: nodes released from its first tier, not taken back before then.
+    tier_probation: Vec<HashMap<NodeId, Time>>,
+    /// On the origin, per substream: when a first-tier slot was last rotated.
+    tier_rotated_at: Vec<Time>,
+    /// On the origin, per substream: the next new subscriber replaces the longest-held child.
+    tier_open: Vec<bool>,
     /// Chunk streams handed to the driver and not yet reported sent.
     uploads_in_flight: usize,
     counters: Counters,
@@ -313,6 +338,7 @@ impl Swarm {
             requests: HashMap::new(),
             parents: vec![None; k],
             parent_since: vec![0; k],
+            switching: vec![None; k],
             parent_misses: vec![0; k],
             refused: vec![HashMap::new(); k],
             live_edge: None,
@@ -321,6 +347,11 @@ impl Swarm {
             cursor_started: false,
             origin_offset: if config.role == Role::Origin { (0, 0) } else { (0, u64::MAX) },
             origin_repair: TokenBucket::new(config.origin_repair_per_s, config.origin_repair_per_s.max(1.0) * 2.0),
+            origin_repaired: BTreeMap::new(),
+            tier_demand: vec![VecDeque::new(); k],
+            tier_probation: vec![HashMap::new(); k],
+            tier_rotated_at: vec![0; k],
+            tier_open: vec![false; k],
             uploads_in_flight: 0,
             counters: Counters::default(),
             outputs: VecDeque::new(),
@@ -466,6 +497,11 @@ impl Swarm {
         for r in self.refused.iter_mut() {
             r.remove(&conn);
         }
+        for w in self.switching.iter_mut() {
+            if w.is_some_and(|(c, _)| c == conn) {
+                *w = None;
+            }
+        }
         // Requests to it go elsewhere at once.
         self.requests.retain(|_, (c, _)| *c != conn);
         self.next_tick = Some(now);
@@ -564,6 +600,7 @@ impl Swarm {
         let mut news = false;
         if let Some(n) = self.neighbours.get_mut(&conn) {
             n.timeouts_in_a_row = 0;
+            n.kept_promise();
             news = n.have.insert(seq, ()) != Insert::Duplicate;
             n.stats.chunks_received += 1;
             n.stats.bytes_received += bytes as u64;
@@ -609,6 +646,8 @@ impl Swarm {
         self.repair(now);
         if self.config.role != Role::Origin {
             self.choose_parents(now);
+        } else {
+            self.rotate_tier(now);
         }
         self.maintain_membership(now);
         if now >= self.next_ping {
@@ -757,7 +796,7 @@ impl Swarm {
 
     fn on_have(&mut self, now: Time, conn: ConnId, seq: u64) {
         let Some(n) = self.neighbours.get_mut(&conn) else { return };
-        if n.have.insert(seq, ()) == Insert::Duplicate {
+        if n.have.insert(seq, ()) == Insert::Duplicate || !n.trusted(now) {
             return;
         }
         self.note_news(now, conn, seq);
@@ -766,9 +805,9 @@ impl Swarm {
     fn on_request(&mut self, now: Time, conn: ConnId, seqs: Vec<u64>) {
         let origin = self.config.role == Role::Origin;
         let newest = self.chunks.end();
-        let Some(n) = self.neighbours.get_mut(&conn) else { return };
         let mut served = Vec::new();
         for seq in seqs.into_iter().take(MAX_REQUEST) {
+            let Some(n) = self.neighbours.get_mut(&conn) else { return };
             if !n.requests_in.take(now, 1.0) {
                 n.stats.requests_refused += 1;
                 if n.stats.requests_refused > 4 * self.config.window as u64 {
@@ -777,12 +816,32 @@ impl Swarm {
                 }
                 continue;
             }
-            if origin && !self.origin_repair.take(now, 1.0) {
+            let Some(chunk) = self.chunks.get(seq) else {
+                self.send(conn, Message::Cancel { seq });
                 continue;
+            };
+            if origin {
+                // Demand for a chunk that has been out for a while means its substream's first
+                // tier is not spreading it: serve a copy anyway, and note who asked.
+                let old = self.first_news.get(&seq).is_some_and(|&t| now >= t + OLD_AT_ORIGIN_US);
+                let copies = self.origin_repaired.entry(seq).or_insert(0);
+                let free = old && *copies < self.config.origin_free_repairs;
+                if old {
+                    let s = (seq % u64::from(self.config.substreams)) as usize;
+                    self.tier_demand[s].push_back((now, conn));
+                }
+                if !free && !self.origin_repair.take(now, 1.0) {
+                    // Declined. For a chunk that should long have spread, say so, so the requester
+                    // asks elsewhere at once; a young one is likely on its way by push (an early
+                    // answer would only make it pull a duplicate elsewhere).
+                    if old {
+                        self.send(conn, Message::Cancel { seq });
+                    }
+                    continue;
+                }
+                *copies = copies.saturating_add(1);
             }
-            if let Some(chunk) = self.chunks.get(seq) {
-                served.push(chunk.clone());
-            }
+            served.push(chunk.clone());
         }
         for chunk in served {
             if self.uploads_in_flight >= self.config.max_upload_queue {
@@ -812,9 +871,15 @@ impl Swarm {
             let taken_here = self.neighbours.values().filter(|n| n.child_of.contains(&substream)).count();
             let taken = self.children();
             let already = self.neighbours.get(&conn).is_some_and(|n| n.child_of.contains(&substream));
+            let on_probation = self.neighbours.get(&conn).and_then(|n| n.node).is_some_and(|id| {
+                self.tier_probation.get(usize::from(substream)).and_then(|p| p.get(&id)).is_some_and(|&t| t > now)
+            });
             !already
                 && if self.config.role == Role::Origin {
-                    taken_here >= self.config.origin_fanout
+                    on_probation
+                        || taken_here >= self.config.origin_fanout
+                            && !(self.tier_open.get(usize::from(substream)) == Some(&true)
+                                && self.release_tier_slot(now, usize::from(substream)))
                 } else {
                     // Spread the slots over the substreams: a chunk pushed to many children at once
                     // makes the last of them wait for all the others on our uplink.
@@ -830,7 +895,13 @@ impl Swarm {
         let k = u64::from(substreams);
         let newest = self.chunks.end();
         let Some(n) = self.neighbours.get_mut(&conn) else { return };
-        n.child_of.insert(substream);
+        if n.child_of.insert(substream) {
+            #[cfg(test)]
+            if std::env::var("ROT").is_ok() && self.config.role == Role::Origin {
+                eprintln!("origin takes {:?} s{substream} at {}", n.node.map(|x| x.fmt_short()), now % 100_000_000);
+            }
+            n.child_since.insert(substream, now);
+        }
         // Catch the child up on what it lacks of this substream from `from_seq` on.
         let backlog: Vec<Verified> = self
             .chunks
@@ -838,7 +909,6 @@ impl Swarm {
             .filter(|(seq, _)| *seq >= from_seq && seq % k == u64::from(substream) && !n.have.contains(*seq))
             .map(|(_, c)| c.clone())
             .collect();
-        let _ = now;
         for chunk in backlog {
             let p = urgency(newest, chunk.seq());
             self.send_chunk(conn, chunk, p);
@@ -849,12 +919,20 @@ impl Swarm {
         let s = usize::from(substream);
         if let Some(n) = self.neighbours.get_mut(&conn) {
             n.child_of.remove(&substream);
+            n.child_since.remove(&substream);
         }
-        if self.parents.get(s) == Some(&Some(conn)) {
-            self.parents[s] = None;
-            // It refused or dropped us: look elsewhere for a while.
-            self.refused[s].insert(conn, now + 5_000_000);
-            self.next_tick = Some(now);
+        let refused_switch = self.switching.get(s).is_some_and(|w| w.is_some_and(|(c, _)| c == conn));
+        if self.parents.get(s) == Some(&Some(conn)) || refused_switch {
+            if refused_switch {
+                self.switching[s] = None;
+            } else {
+                self.parents[s] = None;
+                self.next_tick = Some(now);
+            }
+            // It refused or dropped us: look elsewhere for a while (a spread of times, so that
+            // nodes refused together do not all come back together).
+            let back = 2_000_000 + self.rng.u64(..4_000_000);
+            self.refused[s].insert(conn, now + back);
         }
     }
 
@@ -902,6 +980,9 @@ impl Swarm {
         self.chunks.insert(seq, chunk.clone());
         let base = self.chunks.base();
         self.first_news = self.first_news.split_off(&base);
+        if !self.origin_repaired.is_empty() {
+            self.origin_repaired = self.origin_repaired.split_off(&base);
+        }
         match path {
             Path::Push => self.counters.push += 1,
             Path::Pull => self.counters.pull += 1,
@@ -917,6 +998,13 @@ impl Swarm {
         // Our parent for this substream announced it and may still be pushing it: tell it to stop.
         let k = u64::from(self.config.substreams);
         let substream = (seq % k) as u16;
+        if path == Path::Pull
+            && let Some(p) = self.parents[usize::from(substream)]
+            && Some(p) != from
+        {
+            // The parent did not bring it in time (whether or not it had it): a miss.
+            self.parent_misses[usize::from(substream)] += 1;
+        }
         if path != Path::Local
             && let Some(p) = self.parents[usize::from(substream)]
             && Some(p) != from
@@ -1047,6 +1135,10 @@ impl Swarm {
             if let Some(n) = self.neighbours.get_mut(&conn) {
                 n.stats.request_timeouts += 1;
                 n.timeouts_in_a_row += 1;
+                if n.role != Role::Origin {
+                    // (The origin declines repair by design; it is not a broken promise.)
+                    n.broke_promise(now);
+                }
                 // It claimed to have it but did not deliver: stop believing that claim, and after
                 // repeated failures stop asking it for a while.
                 n.have.remove(seq);
@@ -1084,7 +1176,8 @@ impl Swarm {
             }
             let Some(&heard) = self.first_news.get(&seq) else { continue };
             let s = (seq % k) as usize;
-            let holders = self.neighbours.values().filter(|n| n.hello_done() && n.have.contains(seq)).count();
+            let holders =
+                self.neighbours.values().filter(|n| n.hello_done() && n.trusted(now) && n.have.contains(seq)).count();
             if holders == 0 {
                 continue;
             }
@@ -1114,7 +1207,7 @@ impl Swarm {
             let best = self
                 .neighbours
                 .iter()
-                .filter(|(_, n)| n.hello_done() && n.have.contains(w.seq) && n.busy_until <= now)
+                .filter(|(_, n)| n.hello_done() && n.trusted(now) && n.have.contains(w.seq) && n.busy_until <= now)
                 .filter(|(c, n)| {
                     n.requests_out + batches.get(c).map_or(0, Vec::len) < self.config.max_requests_per_neighbour
                 })
@@ -1129,7 +1222,10 @@ impl Swarm {
             if let Some(c) = best {
                 batches.entry(c).or_default().push(w.seq);
                 if w.parent_missed {
-                    self.parent_misses[(w.seq % k) as usize] += 1;
+                    let s = (w.seq % k) as usize;
+                    if let Some(p) = self.parents[s].and_then(|p| self.neighbours.get_mut(&p)) {
+                        p.broke_promise(now);
+                    }
                 }
             }
         }
@@ -1154,6 +1250,67 @@ impl Swarm {
         }
     }
 
+    /// On the origin: releases a first-tier slot of a substream that is not spreading.
+    ///
+    /// The origin cannot see whether a child relays (its children's subscriptions are visible only
+    /// to it), but it can see the consequence: many distinct nodes asking *it* for chunks of one
+    /// substream well after publishing (nodes ask the origin only when no other neighbour offers
+    /// the chunk). Then the longest-serving child of that substream is released and kept out of
+    /// it for a while, so another node can take the slot; one rotation per substream at a time,
+    /// with a pause to see whether it helped.
+    fn rotate_tier(&mut self, now: Time) {
+        for s in 0..self.tier_demand.len() {
+            let demand = &mut self.tier_demand[s];
+            while demand.front().is_some_and(|(t, _)| *t + 2_000_000 < now) {
+                demand.pop_front();
+            }
+            self.tier_probation[s].retain(|_, t| *t > now);
+            let askers: HashSet<ConnId> = demand.iter().map(|(_, c)| *c).collect();
+            if self.tier_open[s]
+                || askers.len() < self.config.origin_rotate_demand
+                || now < self.tier_rotated_at[s] + 3_000_000
+            {
+                continue;
+            }
+            // Open the substream: the next node to ask for a slot gets the longest-held one.
+            self.tier_rotated_at[s] = now;
+            self.tier_demand[s].clear();
+            self.tier_open[s] = true;
+            #[cfg(test)]
+            if std::env::var("ROT").is_ok() {
+                eprintln!("open s{s} at {} askers {}", now % 100_000_000, askers.len());
+            }
+        }
+    }
+
+    /// On the origin: releases the longest-held first-tier slot of substream `s` (held at least a
+    /// little while) and keeps its holder out of `s` for a while. Whether one was released.
+    fn release_tier_slot(&mut self, now: Time, s: usize) -> bool {
+        let s16 = s as u16;
+        let oldest = self
+            .neighbours
+            .iter()
+            .filter_map(|(c, n)| Some((*n.child_since.get(&s16)?, *c, n.node?)))
+            .filter(|(since, _, _)| now >= since + 2_000_000)
+            .min();
+        let Some((_, conn, id)) = oldest else { return false };
+        self.tier_open[s] = false;
+        self.tier_rotated_at[s] = now;
+        self.tier_demand[s].clear();
+        self.tier_probation[s].insert(id, now + 30_000_000);
+        self.counters.tier_rotations += 1;
+        #[cfg(test)]
+        if std::env::var("ROT").is_ok() {
+            eprintln!("release {} s{s} at {}", id.fmt_short(), now % 100_000_000);
+        }
+        if let Some(n) = self.neighbours.get_mut(&conn) {
+            n.child_of.remove(&s16);
+            n.child_since.remove(&s16);
+        }
+        self.send(conn, Message::Unsubscribe { substream: s16 });
+        true
+    }
+
     /// Picks or replaces the parent of each substream.
     ///
     /// Candidates are ranked by how early their news arrives (a proxy for their depth in the tree).
@@ -1165,17 +1322,34 @@ impl Swarm {
         for s in 0..k {
             self.refused[s].retain(|_, until| *until > now);
             if let Some(p) = self.parents[s]
-                && self.parent_misses[s] >= self.config.parent_max_misses
+                && (self.parent_misses[s] >= self.config.parent_max_misses
+                    || self.neighbours.get(&p).is_none_or(|n| !n.trusted(now)))
             {
                 // It announces chunks and does not push them: a stalled or free-riding parent.
                 self.refused[s].insert(p, now + 30_000_000);
                 self.drop_parent(s);
+            }
+            // A switch under way: the new parent has had time to refuse; if it has not, it is ours.
+            if let Some((c, at)) = self.switching[s] {
+                if !self.neighbours.contains_key(&c) || self.refused[s].contains_key(&c) {
+                    self.switching[s] = None;
+                } else if now >= at || self.parents[s].is_none() {
+                    self.switching[s] = None;
+                    self.drop_parent(s);
+                    self.parents[s] = Some(c);
+                    self.parent_since[s] = now;
+                    self.parent_misses[s] = 0;
+                    continue;
+                } else {
+                    continue;
+                }
             }
             let best = self
                 .neighbours
                 .iter()
                 .filter(|(c, n)| {
                     n.hello_done()
+                        && n.trusted(now)
                         && Some(**c) != self.parents[s]
                         && !n.child_of.contains(&(s as u16))
                         && !self.refused[s].contains_key(c)
@@ -1183,6 +1357,9 @@ impl Swarm {
                 .map(|(c, n)| (n.lag_score(s), *c))
                 .min();
             let Some((best_score, best)) = best else { continue };
+            // Ask only for what playback still needs; a node that has not started asks from the edge.
+            let from_seq = self.cursor.or(self.live_edge).unwrap_or(u64::MAX).max(self.chunks.base());
+            let subscribe = Message::Subscribe { substream: s as u16, substreams: self.config.substreams, from_seq };
             if let Some(p) = self.parents[s] {
                 let Some(n) = self.neighbours.get(&p) else { continue };
                 let score = n.push_lag(s).unwrap_or(0).max(n.lag_score(s));
@@ -1190,14 +1367,17 @@ impl Swarm {
                 if !settled || score <= best_score.saturating_add(self.config.parent_switch_margin_us) {
                     continue;
                 }
-                self.drop_parent(s);
+                // Make before break: keep the working parent until the new one has not refused
+                // within a round trip (a refusal is an `Unsubscribe`).
+                let rtt = self.neighbours.get(&best).and_then(|n| n.stats.rtt_us).unwrap_or(200_000);
+                self.switching[s] = Some((best, now + 2 * rtt + self.config.tick_us));
+                self.send(best, subscribe);
+                continue;
             }
             self.parents[s] = Some(best);
             self.parent_since[s] = now;
             self.parent_misses[s] = 0;
-            // Ask only for what playback still needs; a node that has not started asks from the edge.
-            let from_seq = self.cursor.or(self.live_edge).unwrap_or(u64::MAX).max(self.chunks.base());
-            self.send(best, Message::Subscribe { substream: s as u16, substreams: self.config.substreams, from_seq });
+            self.send(best, subscribe);
         }
     }
 
@@ -1258,6 +1438,9 @@ impl Swarm {
         }
     }
 }
+
+/// On the origin: a chunk requested this long after publishing should have come through the tree, µs.
+const OLD_AT_ORIGIN_US: u64 = 400_000;
 
 /// Pushed chunks go ahead of repair answers on our uplink: the push tree is what keeps everyone fed.
 const PUSH_PRIORITY: i32 = 100_000;

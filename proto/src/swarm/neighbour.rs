@@ -1,7 +1,7 @@
 //! What a node keeps about each neighbour: what it has, what it subscribed to, how early its news
 //! arrives, and its request budget.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use super::Time;
@@ -82,6 +82,8 @@ pub(crate) struct Neighbour {
     pub(crate) have: Window<()>,
     /// Substreams it subscribed to from us.
     pub(crate) child_of: BTreeSet<u16>,
+    /// Per substream it subscribed to: since when.
+    pub(crate) child_since: BTreeMap<u16, Time>,
     /// Per substream: moving average of how far its news (`Have`) lags the first news, µs.
     lag: Vec<Option<u64>>,
     /// Per substream, while it is our parent: moving average of how far its pushes land behind the
@@ -93,6 +95,11 @@ pub(crate) struct Neighbour {
     pub(crate) busy_until: Time,
     /// Our requests to it that timed out since it last delivered a chunk.
     pub(crate) timeouts_in_a_row: u32,
+    /// Kept promises minus broken ones: +1 per chunk it sent us, −1 per request of ours it let time
+    /// out and per push it announced but did not make as our parent.
+    pub(crate) credit: i32,
+    /// It broke too many promises: ignore its announcements until then.
+    pub(crate) distrusted_until: Time,
     /// Budget for its requests to us.
     pub(crate) requests_in: TokenBucket,
     pub(crate) stats: NeighbourStats,
@@ -112,11 +119,14 @@ impl Neighbour {
             // Twice the window, so announcements slightly ahead of ours still fit.
             have: Window::new(window * 2, 0),
             child_of: BTreeSet::new(),
+            child_since: BTreeMap::new(),
             lag: Vec::new(),
             push_lag: Vec::new(),
             requests_out: 0,
             busy_until: 0,
             timeouts_in_a_row: 0,
+            credit: 0,
+            distrusted_until: 0,
             // An honest node asks for at most a window's worth at once, then a few chunks a second.
             requests_in: TokenBucket::new(32.0, (window * 2) as f64),
             stats: NeighbourStats::default(),
@@ -125,6 +135,26 @@ impl Neighbour {
 
     pub(crate) fn hello_done(&self) -> bool {
         self.node.is_some()
+    }
+
+    /// It delivered a chunk.
+    pub(crate) fn kept_promise(&mut self) {
+        self.credit = (self.credit + 1).min(MAX_CREDIT);
+    }
+
+    /// It failed to deliver a chunk it announced; after too many, distrust it for a while.
+    pub(crate) fn broke_promise(&mut self, now: Time) {
+        self.credit -= 1;
+        if self.credit <= MIN_CREDIT {
+            self.distrusted_until = now + DISTRUST_US;
+            // On probation when the distrust ends: one more failure brings it back.
+            self.credit = MIN_CREDIT + 1;
+        }
+    }
+
+    /// Whether its announcements are worth acting on.
+    pub(crate) fn trusted(&self, now: Time) -> bool {
+        self.distrusted_until <= now
     }
 
     pub(crate) fn note_lag(&mut self, substream: usize, lag_us: u64) {
@@ -156,6 +186,10 @@ impl Neighbour {
         self.lag.get(substream).copied().flatten().unwrap_or(500_000)
     }
 }
+
+const MAX_CREDIT: i32 = 8;
+const MIN_CREDIT: i32 = -3;
+const DISTRUST_US: Time = 15_000_000;
 
 fn ewma(v: &mut Vec<Option<u64>>, i: usize, x: u64) {
     if v.len() <= i {

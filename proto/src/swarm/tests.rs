@@ -233,3 +233,43 @@ fn debug_stall() {
         r.latencies_us.iter().map(|(t, l)| ((t - 1_700_000_000_000_000) / 100_000, l / 1000)).collect();
     eprintln!("{l:?}");
 }
+
+/// Summaries of every scenario, for tuning by hand.
+#[test]
+#[ignore]
+fn debug_all() {
+    let run = |name: &str, cfg: SimConfig| {
+        let r = Sim::new(cfg).run();
+        let worst = r.nodes.iter().filter(|n| !n.adversary && n.present_at_end).map(|n| n.skipped).max().unwrap_or(0);
+        let pchg: u64 = r.nodes.iter().filter(|n| !n.adversary).map(|n| n.counters.parent_changes).sum();
+        eprintln!("{name:>10}: {:?} worst-node skips {worst} parent changes {pchg}", summary(&r));
+        if std::env::var("V").is_ok() {
+            print_run(&r);
+        }
+    };
+    run("10M", scenario(40));
+    run("7.5M", SimConfig { nodes: nodes(40, 7, 7_500_000), ..scenario(40) });
+    let mut cfg = scenario(25);
+    for i in [0, 1, 2, 4] {
+        cfg.nodes[i].adversary = Some(Adversary::Silent);
+    }
+    run("stall", cfg);
+    let mut cfg = scenario(30);
+    for i in [3, 9, 15] {
+        cfg.nodes[i].adversary = Some(Adversary::ForgePayload);
+    }
+    for i in [5, 20] {
+        cfg.nodes[i].adversary = Some(Adversary::WrongKey);
+    }
+    run("forged", cfg);
+    let mut cfg = scenario(30);
+    for (i, n) in cfg.nodes.iter_mut().enumerate() {
+        if i % 3 == 1 {
+            n.leave_at = Some(8_000_000 + i as u64 * 10_000);
+        }
+    }
+    run("churn", cfg);
+    for seed in [1, 2, 3] {
+        run(&format!("10M s{seed}"), SimConfig { nodes: nodes(40, seed, 10_000_000), seed, ..scenario(40) });
+    }
+}
