@@ -27,6 +27,7 @@
 //! cancel-safe.
 
 mod conn;
+pub mod emulate;
 mod error;
 pub mod shaper;
 pub mod tls;
@@ -44,6 +45,7 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 pub use conn::{
     ConnStats, Connection, ControlRecv, ControlSend, IncomingChunk, RESET_CANCELLED, STOP_CONTROL_ERROR, STOP_REFUSED,
 };
+pub use emulate::{LinkModel, LinkStats};
 pub use error::NetError;
 use shaper::{Shaper, TokenBucket};
 use tls::TlsIdentity;
@@ -77,6 +79,9 @@ pub struct EndpointConfig {
     pub max_upload_bytes_per_sec: Option<u64>,
     /// The largest chunk payload accepted from a peer; at most [`MAX_PAYLOAD`].
     pub max_chunk_payload: u32,
+    /// Emulate a link under the socket (delay, jitter, loss, upload bottleneck; see [`emulate`]).
+    /// `None`: the real socket as it is, with no overhead.
+    pub link: Option<LinkModel>,
 }
 
 impl Default for EndpointConfig {
@@ -93,6 +98,7 @@ impl Default for EndpointConfig {
             socket_buffer_bytes: 4 * 1024 * 1024,
             max_upload_bytes_per_sec: None,
             max_chunk_payload: MAX_PAYLOAD,
+            link: None,
         }
     }
 }
@@ -130,6 +136,7 @@ struct Inner {
     local_addr: SocketAddr,
     connect_timeout: Duration,
     max_chunk_payload: u32,
+    link: Option<emulate::LinkHandle>,
 }
 
 /// A node's QUIC endpoint: dials and accepts connections. Cheap to clone; all clones are one endpoint.
@@ -165,10 +172,34 @@ impl Endpoint {
         server.transport_config(transport.clone());
 
         let _guard = runtime.enter();
-        let endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
-                .map_err(|source| NetError::Bind { addr: config.listen, source })?;
-        tracing::info!(node = %key.id().fmt_short(), addr = %local_addr, cap = ?config.max_upload_bytes_per_sec, "endpoint bound");
+        let bind_err = |source| NetError::Bind { addr: config.listen, source };
+        let (endpoint, link) = match &config.link {
+            None => {
+                let endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(bind_err)?;
+                (endpoint, None)
+            }
+            Some(model) => {
+                model.validate().map_err(NetError::Config)?;
+                use quinn::Runtime as _;
+                let real = quinn::TokioRuntime.wrap_udp_socket(socket).map_err(bind_err)?;
+                let (emulated, handle) = emulate::EmulatedSocket::new(real, model.clone(), &runtime);
+                let endpoint = quinn::Endpoint::new_with_abstract_socket(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    Arc::new(emulated),
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(bind_err)?;
+                (endpoint, Some(handle))
+            }
+        };
+        tracing::info!(node = %key.id().fmt_short(), addr = %local_addr, cap = ?config.max_upload_bytes_per_sec, link = ?config.link, "endpoint bound");
         Ok(Endpoint {
             inner: Arc::new(Inner {
                 endpoint,
@@ -179,8 +210,14 @@ impl Endpoint {
                 local_addr,
                 connect_timeout: config.connect_timeout,
                 max_chunk_payload: config.max_chunk_payload,
+                link,
             }),
         })
+    }
+
+    /// What the emulated link under this endpoint did so far; `None` without [`EndpointConfig::link`].
+    pub fn link_stats(&self) -> Option<LinkStats> {
+        self.inner.link.as_ref().map(emulate::LinkHandle::stats)
     }
 
     /// The address the socket is bound to (with the real port if the config asked for port 0).
