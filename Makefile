@@ -1,7 +1,9 @@
 # crowdsurf: the two commands are `make demo` and `make test`. Both install what is missing first.
 SHELL := /bin/bash
-APT_PACKAGES := pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev libswscale-dev \
-	libswresample-dev libavfilter-dev libavdevice-dev ffmpeg
+# gcc/libc6-dev: the linker and build scripts (ring, ffmpeg-sys-next's version probe); libclang-dev:
+# bindgen for the FFmpeg headers; ffmpeg (ffmpeg/ffprobe) and mpv: command-line tools the tests run.
+APT_PACKAGES := gcc libc6-dev pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev \
+	libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg mpv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test setup lint bench fuzz doc
@@ -15,14 +17,21 @@ test: setup
 	cargo test --workspace --all-targets
 	cargo test --workspace --doc
 
-## setup: install missing system packages (apt-get) and check for cargo
+## setup: install missing system packages (apt-get, sudo when not root) and check for cargo
 setup:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
 	if [ -n "$$missing" ]; then \
+		if ! command -v apt-get >/dev/null; then \
+			echo "no apt-get here: install these (or your system's equivalents) by hand:$$missing"; exit 1; \
+		fi; \
 		echo "installing:$$missing"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs (rustup), then re-run"; exit 1; }
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs):"; \
+		echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh"; exit 1; }
 
 ## lint: formatting and clippy as CI checks them
 lint:
