@@ -1,16 +1,19 @@
 # crowdsurf: the two commands are `make demo` and `make test`. Both install what is missing first.
 SHELL := /bin/bash
 # gcc/libc6-dev: the linker and build scripts (ring, ffmpeg-sys-next's version probe); libclang-dev:
-# bindgen for the FFmpeg headers; ffmpeg (ffmpeg/ffprobe) and mpv: command-line tools the tests run.
+# bindgen for the FFmpeg headers; ffmpeg (ffmpeg/ffprobe) and mpv: command-line tools the tests run;
+# libsdl2-dev, libsdl2-ttf-dev and a font: the player's window and its overlay.
 APT_PACKAGES := gcc libc6-dev pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev \
-	libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg mpv
+	libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg mpv \
+	libsdl2-dev libsdl2-ttf-dev fonts-dejavu-core
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test setup lint bench fuzz doc
 
-## demo: a live swarm on this machine: an origin and 8 relays on 127.0.0.1 for 20 s, with figures
+## demo: the broadcaster's test source, 4 relays and the player on this machine — in a window when
+## there is a display, else on http://127.0.0.1:8080/stream.ts for mpv/VLC (RELAYS=, LATENCY=, HTTP=)
 demo: setup
-	cargo run --release -p crowdsurf-peer --example swarm_demo
+	scripts/demo.sh
 
 ## test: the whole test suite (what CI runs)
 test: setup

@@ -30,7 +30,7 @@ pub mod window;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crowdsurf_peer::stats::NodeStats;
@@ -42,6 +42,9 @@ use tracing::{info, warn};
 
 pub use decode::{DecodeReport, DecodeStats, FrameSink};
 use pacer::{Pacer, Playout};
+
+/// A few lines of live figures the player keeps up to date once a second (the window's overlay).
+pub type StatusLine = Arc<Mutex<String>>;
 
 /// Everything the player needs to start.
 pub struct PlayerConfig {
@@ -73,6 +76,8 @@ pub struct PlayerConfig {
     pub hls_segment: Duration,
     /// Log a status line this often.
     pub status_every: Duration,
+    /// Keep these lines of figures up to date (for an overlay).
+    pub status: Option<StatusLine>,
 }
 
 impl PlayerConfig {
@@ -93,6 +98,7 @@ impl PlayerConfig {
             duration: None,
             hls_segment: Duration::from_secs(1),
             status_every: Duration::from_secs(5),
+            status: None,
         }
     }
 }
@@ -235,6 +241,7 @@ pub async fn run(mut config: PlayerConfig, shutdown: impl Future<Output = ()>) -
     let mut silent_warned = false;
     let mut last_status = Instant::now();
     let mut decode_tx = decode_tx;
+    let mut last_bytes = (0u64, 0u64, Instant::now());
     loop {
         let sleep_for = pacer
             .next_due()
@@ -285,6 +292,26 @@ pub async fn run(mut config: PlayerConfig, shutdown: impl Future<Output = ()>) -
                         warn!(neighbours = s.neighbours, "the stream has not started yet (no chunks so far); still trying");
                     } else {
                         warn!(neighbours = s.neighbours, silent_s = quiet.as_secs(), "no chunks: the broadcaster has gone away or the swarm is unreachable; still trying");
+                    }
+                }
+                if let Some(line) = &config.status {
+                    let (up, down) = (s.counters.chunk_bytes_up, s.counters.chunk_bytes_down);
+                    let secs = last_bytes.2.elapsed().as_secs_f64().max(0.001);
+                    let rates = (up.saturating_sub(last_bytes.0) as f64 * 8e-6 / secs, down.saturating_sub(last_bytes.1) as f64 * 8e-6 / secs);
+                    last_bytes = (up, down, Instant::now());
+                    let (frames, display_p50_ms) = decode_stats.as_ref().map_or((0, 0.0), |d| d.brief());
+                    let text = format!(
+                        "display latency {display_p50_ms:.0} ms (target {} ms), arrival {:.0} ms\nneighbours {}, buffer {} ms, skipped {}\ndown {:.2} Mbit/s, up {:.2} Mbit/s, frames {frames}",
+                        latency_us / 1000,
+                        s.arrival_latency.p50_ms,
+                        s.neighbours,
+                        pacer.buffered_us() / 1000,
+                        s.counters.skipped,
+                        rates.1,
+                        rates.0,
+                    );
+                    if let Ok(mut l) = line.lock() {
+                        *l = text;
                     }
                 }
                 if last_status.elapsed() >= config.status_every {

@@ -191,7 +191,7 @@ fn run_window(runtime: &tokio::runtime::Runtime, mut config: PlayerConfig) -> Re
     };
     config.decode = true;
     config.sink = Some(Box::new(window.sink()));
-    let overlay = window.overlay_feed();
+    config.status = Some(window.status_line());
     let (quit_tx, quit_rx) = tokio::sync::oneshot::channel::<()>();
     let player = runtime.spawn(crowdsurf_player::run(config, async move {
         tokio::select! {
@@ -199,7 +199,7 @@ fn run_window(runtime: &tokio::runtime::Runtime, mut config: PlayerConfig) -> Re
             _ = ctrl_c() => {}
         }
     }));
-    window.run(overlay);
+    window.run();
     let _ = quit_tx.send(());
     runtime.block_on(player).context("player task failed")?.context("player failed")
 }
