@@ -4,6 +4,23 @@
 //! All nodes share one clock, so latency is exact: arrival time − capture time. Scenarios: steady
 //! (everyone joins at the start), churn (peers leave without a goodbye and new ones join at a given
 //! rate) and flash crowd (a batch of peers joins within a short time mid-run).
+//!
+//! **Links.** With a delay, jitter, loss or an upload mix, every node (the origin included) sends
+//! through an emulated link ([`crate::net::emulate`]): each direction of each connection gets the
+//! one-way delay, so a round trip is twice it. An upload mix gives each relay an upload level drawn
+//! as the simulator draws it ([`crate::simulate::upload_factor`]) and applies it twice:
+//!
+//! - as the **link's bottleneck**, 10 % above the level (room for QUIC, UDP and control bytes): the
+//!   physical limit, which also slows control messages, acknowledgements and retransmissions; and
+//! - as the node's **chunk shaper** at the level itself: the node knows its upload (as a real peer
+//!   told `--max-upload` does), sends urgent chunks first across all connections, and keeps the
+//!   bottleneck queue short, so control messages are not stuck behind a buffer of chunk data. This is
+//!   also what the simulator models (one priority-ordered uplink at the upload rate, control skipping
+//!   the queue), and the swarm's push budget (`push_slots`) is derived from the level the same way.
+//!
+//! With the link cap alone, QUIC's congestion control would fill the bottleneck buffer and every
+//! control message would wait behind it: a real effect of a misconfigured peer, not the one the lab
+//! means to measure.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crowdsurf_proto::wire::Role;
 use crowdsurf_proto::{NodeKey, StreamKey};
 
+use crate::net::LinkModel;
 use crate::node::{Node, NodeConfig, NodeHandle};
 use crate::report::{Event, PeerRaw, Report, RunTotals, Scenario};
 use crate::source::SyntheticSource;
@@ -31,8 +49,20 @@ pub struct LabConfig {
     pub random_access_every: u64,
     /// Target latency of every node.
     pub latency: Duration,
-    /// Per-relay upload cap, bytes per second.
+    /// Per-relay upload cap, bytes per second (the node's chunk shaper only).
     pub max_upload: Option<u64>,
+    /// One-way delay of every link.
+    pub link_delay: Duration,
+    /// Uniform jitter bound added to the delay, per datagram.
+    pub jitter: Duration,
+    /// Share of datagrams lost on every link.
+    pub loss: f64,
+    /// Upload mix: mean relay upload as a multiple of the bitrate (None: unlimited).
+    pub upload_mean: Option<f64>,
+    /// Upload mix: share of relays between 0.5x and 0.9x the bitrate.
+    pub slow_share: f64,
+    /// The origin's upload as a multiple of the bitrate (None: unlimited).
+    pub origin_upload: Option<f64>,
     /// Share of the peers replaced per minute (0.2 = 20 %/min): leave without goodbye, new ones join.
     pub churn_per_min: f64,
     /// A flash crowd: this many extra peers join, spread over `flash_over`, at `flash_at`.
@@ -57,6 +87,12 @@ impl Default for LabConfig {
             random_access_every: 4,
             latency: Duration::from_secs(1),
             max_upload: None,
+            link_delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            upload_mean: None,
+            slow_share: 0.2,
+            origin_upload: None,
             churn_per_min: 0.0,
             flash: 0,
             flash_at: Duration::from_secs(5),
@@ -69,6 +105,7 @@ impl Default for LabConfig {
 
 struct Peer {
     handle: NodeHandle,
+    upload_bps: Option<u64>,
     joined: Instant,
     left: Option<Instant>,
     first_delivery: Option<Instant>,
@@ -100,6 +137,41 @@ fn fastrand_like(mut state: u64) -> impl FnMut() -> u64 {
     }
 }
 
+impl LabConfig {
+    fn emulated(&self) -> bool {
+        !self.link_delay.is_zero()
+            || !self.jitter.is_zero()
+            || self.loss > 0.0
+            || self.upload_mean.is_some()
+            || self.origin_upload.is_some()
+    }
+
+    /// The link of a node uploading `upload_bps` (bits per second of chunk data), if any.
+    fn link(&self, upload_bps: Option<u64>, seed: u64) -> Option<LinkModel> {
+        if !self.emulated() {
+            return None;
+        }
+        let mut link = LinkModel::delay(self.link_delay).with_jitter(self.jitter).with_loss(self.loss).with_seed(seed);
+        if let Some(bps) = upload_bps {
+            link = link.with_rate((bps as f64 * LINK_HEADROOM / 8.0) as u64);
+            link.queue = Duration::from_millis(200);
+        }
+        Some(link)
+    }
+}
+
+/// The link's bottleneck over the chunk upload level: QUIC and UDP headers, control, acknowledgements.
+const LINK_HEADROOM: f64 = 1.1;
+
+/// The push budget the simulator gives a node of this upload (see `proto::swarm::sim`): each
+/// (child, substream) slot costs bitrate / K, 80 % of the upload is spent on pushes, at most twice the
+/// default.
+fn push_slots(config: &crowdsurf_proto::swarm::Config, upload_bps: u64, bitrate_bps: u64) -> usize {
+    let per_slot = bitrate_bps as f64 / f64::from(config.substreams.max(1));
+    let slots = (upload_bps as f64 * 0.8 / per_slot).floor() as usize;
+    slots.min(config.push_slots.max(1) * 2)
+}
+
 /// Runs the lab to the end and returns its report.
 pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -111,6 +183,11 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     origin_cfg.swarm.role = Role::Origin;
     origin_cfg.swarm.target_latency_us = latency_us;
     origin_cfg.swarm.max_neighbours = 64;
+    let origin_upload_bps = cfg.origin_upload.map(|m| (m * cfg.bitrate_bps as f64) as u64);
+    origin_cfg.endpoint.link = cfg.link(origin_upload_bps, cfg.seed);
+    if let Some(bps) = origin_upload_bps {
+        origin_cfg.endpoint.max_upload_bytes_per_sec = Some((bps / 8).max(1));
+    }
     let (origin_node, origin) = Node::bind(origin_cfg)?;
     let boot = origin.node_addr();
     tasks.spawn(async move {
@@ -123,6 +200,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     let mut peers: Vec<Peer> = Vec::new();
     let mut deliveries = Vec::new();
     let mut next_key = 1u64;
+    let mut upload_rng = fastrand::Rng::with_seed(cfg.seed ^ 0x0b10ad);
     let mut join = |tasks: &mut tokio::task::JoinSet<()>,
                     peers: &mut Vec<Peer>,
                     deliveries: &mut Vec<tokio::sync::mpsc::UnboundedReceiver<crate::Delivery>>|
@@ -132,13 +210,31 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         next_key += 1;
         c.swarm.target_latency_us = latency_us;
         c.endpoint.max_upload_bytes_per_sec = cfg.max_upload;
+        let upload_bps = cfg.upload_mean.map(|mean| {
+            let factor = crate::simulate::upload_factor(&mut upload_rng, mean, cfg.slow_share);
+            (factor * cfg.bitrate_bps as f64) as u64
+        });
+        if let Some(bps) = upload_bps {
+            c.endpoint.max_upload_bytes_per_sec = Some((bps / 8).max(1));
+            c.swarm.push_slots = push_slots(&c.swarm, bps, cfg.bitrate_bps);
+        }
+        c.endpoint.link = cfg.link(upload_bps, cfg.seed ^ next_key.wrapping_mul(0x9E37_79B9));
+        let upload_bps = upload_bps.or(cfg.max_upload.map(|b| b * 8));
         c.bootstrap = vec![boot.clone()];
         let (mut node, handle) = Node::bind(c)?;
         let rx = node.take_deliveries().unwrap_or_else(|| unreachable!("taken once, right here"));
         let abort = tasks.spawn(async move {
             let _ = node.run().await;
         });
-        peers.push(Peer { handle, joined: Instant::now(), left: None, first_delivery: None, abort, final_stats: None });
+        peers.push(Peer {
+            handle,
+            upload_bps,
+            joined: Instant::now(),
+            left: None,
+            first_delivery: None,
+            abort,
+            final_stats: None,
+        });
         deliveries.push(rx);
         Ok(())
     };
@@ -221,7 +317,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     }
     let cpu = process_cpu_seconds() - cpu_start;
     let origin_stats = origin.stats();
-    let upload_bps = cfg.max_upload.map(|b| b * 8);
+    let link_delay_us = cfg.link_delay.as_micros() as u64;
     let raw: Vec<PeerRaw> = peers
         .iter()
         .map(|p| {
@@ -247,8 +343,8 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
                 chunk_bytes_up: c.chunk_bytes_up,
                 control_bytes_up: c.control_bytes_up,
                 parent: stats.parent_ids.first().cloned().flatten(),
-                upload_bps,
-                parent_delay_us: 0,
+                upload_bps: p.upload_bps,
+                parent_delay_us: link_delay_us,
                 adversary: false,
             }
         })
@@ -258,17 +354,19 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         duration_s: cfg.duration.as_secs_f64(),
         bitrate_bps: cfg.bitrate_bps,
         chunk_ms: cfg.chunk_ms,
+        link_delay_ms: cfg.link_delay.as_secs_f64() * 1000.0,
+        jitter_ms: cfg.jitter.as_secs_f64() * 1000.0,
+        loss: cfg.loss,
         churn_per_min: cfg.churn_per_min,
         flash: cfg.flash,
         seed: cfg.seed,
-        ..Default::default()
     };
     let totals = RunTotals {
         published,
         chunk_bytes: cfg.bitrate_bps * u64::from(cfg.chunk_ms) / 8000,
         origin_bytes_up: origin_stats.counters.chunk_bytes_up,
         origin: origin_stats.node.clone(),
-        origin_upload_bps: None,
+        origin_upload_bps,
         cpu_per_peer: Some(cpu / cfg.duration.as_secs_f64() / peers.len().max(1) as f64),
         wall_s: start.elapsed().as_secs_f64(),
     };

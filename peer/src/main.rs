@@ -70,6 +70,15 @@ struct SimArgs {
     /// Mean one-way delay between peers, ms.
     #[arg(long, default_value_t = 30.0)]
     delay_ms: f64,
+    /// Every pair of peers exactly --delay-ms apart (as the lab's links) instead of the geography.
+    #[arg(long)]
+    uniform_delay: bool,
+    /// The origin's upload as a multiple of the bitrate.
+    #[arg(long, default_value_t = 8.0)]
+    origin_upload: f64,
+    /// Peers at the start join spread over this long.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    ramp: Duration,
     /// Jitter bound, ms.
     #[arg(long, default_value_t = 2.0)]
     jitter_ms: f64,
@@ -113,9 +122,27 @@ struct LabArgs {
     /// Target latency of every peer.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     latency: Duration,
-    /// Per-relay upload cap (bytes/s with k/M/G, or bits with a trailing "bit").
+    /// Per-relay upload cap (bytes/s with k/M/G, or bits with a trailing "bit"): the node's chunk shaper only.
     #[arg(long, value_parser = parse_rate)]
     max_upload: Option<u64>,
+    /// One-way delay of every link (emulated under each node's QUIC socket), e.g. 20ms.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    delay: Duration,
+    /// Uniform jitter bound added to the delay, per datagram, e.g. 2ms.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    jitter: Duration,
+    /// Datagrams lost on every link, e.g. 0.5% (or 0.005).
+    #[arg(long, default_value = "0", value_parser = parse_share)]
+    loss: f64,
+    /// Upload mix: mean relay upload as a multiple of the bitrate, e.g. 3 (each relay's link capped).
+    #[arg(long)]
+    upload_mean: Option<f64>,
+    /// Upload mix: share of relays between 0.5x and 0.9x the bitrate, e.g. 0.2 or 20%.
+    #[arg(long, default_value = "0.2", value_parser = parse_share)]
+    slow_share: f64,
+    /// The origin's upload as a multiple of the bitrate (unlimited when omitted), e.g. 8.
+    #[arg(long)]
+    origin_upload: Option<f64>,
     /// Churn: share of the peers replaced per minute, e.g. 20%/min (or 0.2).
     #[arg(long, default_value = "0", value_parser = parse_churn)]
     churn: f64,
@@ -136,6 +163,20 @@ struct LabArgs {
 /// Parses a bitrate in bits per second: "2.5M", "800k", "2500000", "2.5Mbit".
 fn parse_bits(s: &str) -> Result<u64, String> {
     parse_rate(&format!("{}bit", s.trim().trim_end_matches("bps").trim_end_matches("bit"))).map(|bytes| bytes * 8)
+}
+
+/// Parses a share: "0.5%" or "0.005".
+fn parse_share(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| format!("not a share: {s:?} (try 0.5% or 0.005)"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("share {s:?} is not between 0 and 100 %"));
+    }
+    Ok(v)
 }
 
 fn parse_churn(s: &str) -> Result<f64, String> {
@@ -250,13 +291,29 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         chunk_ms: a.chunk_ms,
         latency: a.latency,
         max_upload: a.max_upload,
+        link_delay: a.delay,
+        jitter: a.jitter,
+        loss: a.loss,
+        upload_mean: a.upload_mean,
+        slow_share: a.slow_share,
+        origin_upload: a.origin_upload,
         churn_per_min: a.churn,
         flash,
         flash_over,
         seed: a.seed,
         ..Default::default()
     };
-    eprintln!("lab: {} peers, {:?}, {} bit/s in {} ms chunks", a.peers, a.duration, a.bitrate, a.chunk_ms);
+    eprintln!(
+        "lab: {} peers, {:?}, {} bit/s in {} ms chunks, links {:?} ± {:?}, loss {} %, upload mean {:?}x",
+        a.peers,
+        a.duration,
+        a.bitrate,
+        a.chunk_ms,
+        a.delay,
+        a.jitter,
+        a.loss * 100.0,
+        a.upload_mean
+    );
     let report = crowdsurf_peer::lab::run(cfg).await.context("lab failed")?;
     println!("{}", report.headline());
     if let Some(cpu) = report.cpu_per_peer {
@@ -282,6 +339,9 @@ fn run_sim(a: SimArgs) -> Result<()> {
         chunk_ms: a.chunk_ms,
         latency: a.latency,
         delay_ms: a.delay_ms,
+        uniform_delay: a.uniform_delay,
+        origin_upload: a.origin_upload,
+        ramp: a.ramp,
         jitter_ms: a.jitter_ms,
         upload_mean: a.upload_mean,
         slow_share: a.slow_share,
@@ -412,5 +472,8 @@ mod tests {
         assert!(parse_duration("1 fortnight").is_err());
         assert_eq!(parse_churn("20%/min"), Ok(0.2));
         assert_eq!(parse_flash("100/2s"), Ok((100, Duration::from_secs(2))));
+        assert_eq!(parse_share("0.5%"), Ok(0.005));
+        assert_eq!(parse_share("0.2"), Ok(0.2));
+        assert!(parse_share("150%").is_err());
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Geography: peers sit uniformly in a unit square with the origin in the middle; the one-way delay is
 //! a fixed part plus a part proportional to distance, scaled so the mean over peer pairs is
-//! `delay_ms`. Upload: a share `slow_share` of peers upload between 0.5x and 0.9x the bitrate, the rest
+//! `delay_ms` — or, with `uniform_delay`, every pair is exactly `delay_ms` apart (plus jitter), as in
+//! the lab where every emulated link has the same delay. Upload: a share `slow_share` of peers upload between 0.5x and 0.9x the bitrate, the rest
 //! uniformly around the level that makes the overall mean `upload_mean` times the bitrate.
 
 use std::time::{Duration, Instant};
@@ -28,6 +29,10 @@ pub struct SimScenario {
     pub latency: Duration,
     /// Mean one-way delay between peers, ms.
     pub delay_ms: f64,
+    /// Every pair of nodes exactly `delay_ms` apart (the lab's links) instead of the geography.
+    pub uniform_delay: bool,
+    /// The origin's upload as a multiple of the bitrate.
+    pub origin_upload: f64,
     /// Jitter bound, ms.
     pub jitter_ms: f64,
     /// Mean upload as a multiple of the bitrate.
@@ -57,6 +62,8 @@ impl Default for SimScenario {
             chunk_ms: 250,
             latency: Duration::from_secs(1),
             delay_ms: 30.0,
+            uniform_delay: false,
+            origin_upload: 8.0,
             jitter_ms: 2.0,
             upload_mean: 3.0,
             slow_share: 0.2,
@@ -73,22 +80,21 @@ impl Default for SimScenario {
 /// Mean distance between two uniform points in the unit square.
 const MEAN_DISTANCE: f64 = 0.5214;
 
+/// One peer's upload as a multiple of the bitrate, for a mix with mean `upload_mean` in which a share
+/// `slow_share` of the peers upload between 0.5x and 0.9x; the others are uniform on [0.6, 1.4] × the
+/// level that makes the overall mean right (at least 1x). The lab draws its upload caps with this too.
+pub fn upload_factor(rng: &mut fastrand::Rng, upload_mean: f64, slow_share: f64) -> f64 {
+    let fast_mean =
+        if slow_share < 1.0 { ((upload_mean - slow_share * 0.7) / (1.0 - slow_share)).max(1.0) } else { 0.7 };
+    if rng.f64() < slow_share { 0.5 + 0.4 * rng.f64() } else { fast_mean * (0.6 + 0.8 * rng.f64()) }
+}
+
 /// Runs the scenario and reports.
 pub fn run(sc: &SimScenario) -> Report {
     let mut rng = fastrand::Rng::with_seed(sc.seed);
     let bitrate = sc.bitrate_bps as f64;
-    let fast_mean = if sc.slow_share < 1.0 {
-        ((sc.upload_mean - sc.slow_share * 0.7) / (1.0 - sc.slow_share)).max(1.0)
-    } else {
-        0.7
-    };
     let spec = |join_at: u64, rng: &mut fastrand::Rng| {
-        let factor = if rng.f64() < sc.slow_share {
-            0.5 + 0.4 * rng.f64()
-        } else {
-            // Uniform on [0.6, 1.4] × the mean of the fast group.
-            fast_mean * (0.6 + 0.8 * rng.f64())
-        };
+        let factor = upload_factor(rng, sc.upload_mean, sc.slow_share);
         NodeSpec {
             upload_bps: (bitrate * factor) as u64,
             pos: (rng.f64(), rng.f64()),
@@ -133,8 +139,12 @@ pub fn run(sc: &SimScenario) -> Report {
             nodes.push(spec(at + over * i as u64 / sc.flash as u64, &mut rng));
         }
     }
-    let base_us = (sc.delay_ms * 1000.0 / 3.0) as u64;
-    let distance_delay_us = ((sc.delay_ms * 1000.0 - base_us as f64) / MEAN_DISTANCE) as u64;
+    let (base_us, distance_delay_us) = if sc.uniform_delay {
+        ((sc.delay_ms * 1000.0) as u64, 0)
+    } else {
+        let base_us = (sc.delay_ms * 1000.0 / 3.0) as u64;
+        (base_us, ((sc.delay_ms * 1000.0 - base_us as f64) / MEAN_DISTANCE) as u64)
+    };
     let mut swarm =
         crowdsurf_proto::swarm::Config { target_latency_us: sc.latency.as_micros() as u64, ..Default::default() };
     swarm.window = (10_000 / sc.chunk_ms.max(1)) as usize;
@@ -146,7 +156,7 @@ pub fn run(sc: &SimScenario) -> Report {
         base_delay_us: base_us,
         distance_delay_us,
         jitter_us: (sc.jitter_ms * 1000.0) as u64,
-        origin_upload_bps: sc.bitrate_bps * 8,
+        origin_upload_bps: (sc.bitrate_bps as f64 * sc.origin_upload) as u64,
         swarm,
         nodes: nodes.clone(),
         extra_bootstrap: 0,
