@@ -243,6 +243,9 @@ struct Feed {
     marks: VecDeque<Mark>,
     end: Option<RunEnd>,
     stash: Option<Arc<Released>>,
+    /// Pictures decoded in this run: a run that reaches the next random-access chunk without one is
+    /// stuck on bad data and is restarted there.
+    pictures_in_run: u64,
     stats: DecodeStats,
 }
 
@@ -295,6 +298,11 @@ impl Read for FeedReader {
                     feed.stash = Some(chunk);
                     feed.end = Some(RunEnd::Discontinuity);
                 }
+                Ok(Playout::Chunk(chunk)) if chunk.random_access && feed.pictures_in_run == 0 => {
+                    debug!(seq = chunk.seq, "a whole GOP without a picture: restarting at this chunk");
+                    feed.stash = Some(chunk);
+                    feed.end = Some(RunEnd::Error);
+                }
                 Ok(Playout::Chunk(chunk)) => {
                     feed.stats.lock().chunks_played += 1;
                     feed.pending = chunk.payload.clone();
@@ -321,17 +329,20 @@ pub fn spawn(
         marks: VecDeque::new(),
         end: None,
         stash: None,
+        pictures_in_run: 0,
         stats: stats.clone(),
     }));
     let thread_stats = stats.clone();
     let handle = std::thread::Builder::new()
         .name("decoder".into())
-        .spawn(move || Decoder { feed, options, stats: thread_stats }.run())?;
+        .spawn(move || Decoder { feed, has_video: false, options, stats: thread_stats }.run())?;
     Ok((handle, stats))
 }
 
 struct Decoder {
     feed: Arc<Mutex<Feed>>,
+    /// Whether this stream has shown video in any run so far.
+    has_video: bool,
     options: DecoderOptions,
     stats: DecodeStats,
 }
@@ -368,7 +379,9 @@ impl Decoder {
             }
             match end {
                 RunEnd::Closed => break,
-                RunEnd::Gap => info!(seq = first.seq, "gap in the stream: resuming at the next random-access chunk"),
+                RunEnd::Gap => {
+                    info!(run_from = first.seq, "gap in the stream: resuming at the next random-access chunk")
+                }
                 RunEnd::Discontinuity => debug!("discontinuity: restarting the demuxer"),
                 RunEnd::Error => {
                     self.stats.lock().decode_errors += 1;
@@ -406,6 +419,7 @@ impl Decoder {
             feed.marks.clear();
             feed.push_mark(Mark::of(first, 0));
             feed.end = None;
+            feed.pictures_in_run = 0;
             feed.stats.lock().chunks_played += 1;
         }
         let end = match self.demux_and_decode(first) {
@@ -428,6 +442,8 @@ impl Decoder {
         let mut options = ffmpeg::Dictionary::new();
         // Live start-up: read no more than the first chunk or two to learn the streams.
         options.set("probesize", "8192");
+        // Chunks carry MPEG-TS and nothing else: never let a damaged start pass for another format.
+        options.set("format_whitelist", "mpegts");
         options.set("analyzeduration", "200000");
         // Do not wait for 20 frames to guess the frame rate: the SPS timing info gives it.
         options.set("fpsprobesize", "0");
@@ -435,6 +451,12 @@ impl Decoder {
         // holds every frame back until the next one starts) only adds delay.
         options.set("fflags", "+noparse+nofillin");
         let mut input = ffmpeg::format::input_from_stream(io, None, Some(options))?;
+        if input.format().name() != "mpegts"
+            || input.streams().best(ffmpeg::media::Type::Video).is_none()
+                && input.streams().best(ffmpeg::media::Type::Audio).is_none()
+        {
+            return Err(ffmpeg::Error::StreamNotFound);
+        }
         let video = input.streams().best(ffmpeg::media::Type::Video).map(|s| {
             let rate = if s.avg_frame_rate().numerator() > 0 { s.avg_frame_rate() } else { s.rate() };
             (s.index(), s.time_base(), s.parameters(), rate)
@@ -485,6 +507,11 @@ impl Decoder {
         };
         // Both media share one clock: anchor audio to the video's first PTS when there is video.
         let vindex = video.as_ref().map(|v| v.0);
+        if self.has_video && vindex.is_none() {
+            // The stream has pictures, so a start without them is a damaged start.
+            return Err(ffmpeg::Error::StreamNotFound);
+        }
+        self.has_video |= vindex.is_some();
         let aindex = audio.as_ref().map(|a| a.0);
         let mut frame_v = ffmpeg::frame::Video::empty();
         let mut frame_a = ffmpeg::frame::Audio::empty();
@@ -577,6 +604,7 @@ impl Decoder {
                 }
             }
             self.stats.presented(presented, latency_us);
+            self.feed().pictures_in_run += 1;
             if let Some(sink) = &mut self.options.sink {
                 sink.video(frame, due);
             }
@@ -598,6 +626,10 @@ impl Decoder {
                 Err(e) => return Err(e),
             }
             self.stats.lock().audio_frames += 1;
+            if !self.has_video {
+                // Audio-only stream: sound is what proves the run is decoding.
+                self.feed().pictures_in_run += 1;
+            }
             if before_video {
                 // Audio ahead of the run's first picture has no clock yet; a player starts on the picture.
                 continue;
