@@ -39,6 +39,38 @@
 //! connections up to `max_neighbours` and refuses beyond that with a list of its neighbours, so a flash
 //! crowd spreads out. A neighbour that sends a forged chunk, a malformed message or floods requests is
 //! disconnected and banned for [`Config::ban_duration_us`].
+//!
+//! ## Keeping the trees healthy
+//!
+//! - **Make before break.** A working parent is replaced only after its successor has been asked and
+//!   has had a round trip (plus a tick) to refuse; until then the old parent keeps pushing. A refusal
+//!   (the origin is usually full) therefore costs nothing, where it used to orphan the substream.
+//!   Refused nodes are asked again after a random 2–6 s (the origin after 0.5–2.5 s, since its slots
+//!   rotate), so nodes refused together do not come back together.
+//! - **Misses.** Any chunk of a substream that had to be pulled counts as a miss of that substream's
+//!   parent (whether or not the parent had announced it), so a parent that is itself starved is
+//!   replaced, not only one that announces and withholds. A push from the parent resets the count.
+//! - **Credit and distrust.** Each neighbour has a credit: +1 for each chunk it sends us, −1 for each
+//!   request of ours it lets time out and for each push it announced but did not make as our parent.
+//!   At −3 it is distrusted for 15 s: its announcements are ignored (not news, not a holder to
+//!   request from, not a parent candidate), and it comes back one failure away from distrust. Repair
+//!   requests prefer neighbours with positive credit, i.e. ones that have delivered before, so an
+//!   unproven node (possibly a free rider) is asked only when nobody proven has the chunk. The
+//!   origin is exempt (it declines repair by design).
+//! - **First-tier rotation (origin).** The origin cannot see whether a child relays: its children's
+//!   subscriptions are visible only to it. It can see the consequence. Nodes ask the origin for a
+//!   chunk only when no other neighbour offers it, so requests for chunks published more than 400 ms
+//!   ago mean that substream's first tier is not spreading. The origin serves one such copy per chunk
+//!   beyond its repair budget (`origin_free_repairs`), and declines the rest with `Cancel` so the
+//!   requester asks elsewhere at once. When, within 2 s, `origin_rotate_demand` distinct nodes asked
+//!   for late chunks of one substream, or two distinct late chunks of it were asked for, the
+//!   substream is *opened*: the next node that subscribes to it takes the longest-held slot (held for
+//!   at least 2 s), and the released child may not take that substream again for 30 s. Rotations are
+//!   at least 3 s apart per substream. A working child is thus only replaced by a node that wants the
+//!   slot, never left empty.
+//! - **Spread first tier (origin).** A node holds at most `origin_slots_per_node` first-tier slots
+//!   (more only in a substream that has had no child for 2 s) and takes one only in a least-served
+//!   substream, so the first tier spans several nodes.
 
 mod neighbour;
 #[cfg(any(test, feature = "sim"))]
@@ -111,6 +143,9 @@ pub struct Config {
     /// that its first tier should long have spread, before it rotates a first-tier slot of that
     /// substream.
     pub origin_rotate_demand: usize,
+    /// On the origin: first-tier slots one node may hold (more only in a substream nobody else
+    /// takes), so the first tier spans several nodes.
+    pub origin_slots_per_node: usize,
 }
 
 impl Default for Config {
@@ -138,6 +173,7 @@ impl Default for Config {
             origin_repair_per_s: 1.0,
             origin_free_repairs: 1,
             origin_rotate_demand: 4,
+            origin_slots_per_node: 4,
         }
     }
 }
@@ -303,13 +339,15 @@ pub struct Swarm {
     origin_repaired: BTreeMap<u64, u8>,
     /// On the origin, per substream: recent (time, requester) of requests for chunks its first tier
     /// should have spread.
-    tier_demand: Vec<VecDeque<(Time, ConnId)>>,
+    tier_demand: Vec<VecDeque<(Time, ConnId, u64)>>,
     /// On the origin, per substream: nodes released from its first tier, not taken back before then.
     tier_probation: Vec<HashMap<NodeId, Time>>,
     /// On the origin, per substream: when a first-tier slot was last rotated.
     tier_rotated_at: Vec<Time>,
     /// On the origin, per substream: the next new subscriber replaces the longest-held child.
     tier_open: Vec<bool>,
+    /// On the origin, per substream: since when it has had no first-tier child.
+    tier_empty_since: Vec<Option<Time>>,
     /// Chunk streams handed to the driver and not yet reported sent.
     uploads_in_flight: usize,
     counters: Counters,
@@ -352,6 +390,7 @@ impl Swarm {
             tier_probation: vec![HashMap::new(); k],
             tier_rotated_at: vec![0; k],
             tier_open: vec![false; k],
+            tier_empty_since: vec![None; k],
             uploads_in_flight: 0,
             counters: Counters::default(),
             outputs: VecDeque::new(),
@@ -624,8 +663,11 @@ impl Swarm {
 
     /// A chunk stream asked for with [`Output::SendChunk`] has finished (sent, cancelled or failed).
     /// Keeps the upload queue estimate that decides whether to take on repair requests.
-    pub fn handle_chunk_sent(&mut self, _now: Time, _conn: ConnId, _seq: u64) {
+    pub fn handle_chunk_sent(&mut self, _now: Time, conn: ConnId, _seq: u64) {
         self.uploads_in_flight = self.uploads_in_flight.saturating_sub(1);
+        if let Some(n) = self.neighbours.get_mut(&conn) {
+            n.uploads = n.uploads.saturating_sub(1);
+        }
     }
 
     /// On the origin: a new chunk, signed by the stream key. Pushes it to the first tier.
@@ -786,15 +828,48 @@ impl Swarm {
             n.note_lag((seq % k) as usize, now.saturating_sub(first));
         }
         if self.live_edge.is_none_or(|e| seq > e) {
-            // Only trust a neighbour's claim of a far-ahead edge within reason.
-            let plausible = self.live_edge.is_none_or(|e| seq <= e + self.config.window as u64);
+            // A claim moves the edge only a little beyond what we have verified ourselves: otherwise
+            // one liar announcing a run of numbers could walk the edge (and our start point) into the
+            // future. Before the first verified chunk a joiner has nothing better than claims.
+            let plausible = match self.reference {
+                Some((verified, _, _)) => seq <= verified + 8,
+                None => self.live_edge.is_none_or(|e| seq <= e + self.config.window as u64),
+            };
             if plausible {
                 self.live_edge = Some(seq);
             }
         }
     }
 
+    /// Whether `seq` cannot have been captured yet: beyond the live edge our clock predicts from a
+    /// chunk we verified, with a margin for clock-offset error. Claims of such chunks are ignored: a
+    /// neighbour that announces the future would otherwise look like the best parent in the swarm.
+    /// (A restarted broadcaster's new numbers look like the future too, until its first chunk is
+    /// verified here: they arrive by push, and the reference moves with them.)
+    fn is_from_the_future(&self, now: Time, seq: u64) -> bool {
+        self.newest_possible(now).is_some_and(|newest| seq > newest)
+    }
+
+    /// The highest sequence number that can exist by now, from a verified chunk's capture time and our
+    /// clock, with a margin for clock-offset error (at most a second: a worse estimate, or none, must
+    /// not open the door to lies; if clocks really disagree by more, honest claims of the newest
+    /// chunks are ignored too, which costs nothing since verified chunks move the reference anyway).
+    fn newest_possible(&self, now: Time) -> Option<u64> {
+        let (ref_seq, ref_capture, dur) = self.reference?;
+        if dur == 0 {
+            return None;
+        }
+        let (offset, error) = self.origin_offset;
+        let error = error.min(1_000_000);
+        let origin_now = i128::from(now) + i128::from(offset);
+        let elapsed = u64::try_from(origin_now - i128::from(ref_capture)).unwrap_or(0);
+        Some(ref_seq.saturating_add(elapsed / u64::from(dur)).saturating_add(2 + error / u64::from(dur)))
+    }
+
     fn on_have(&mut self, now: Time, conn: ConnId, seq: u64) {
+        if self.is_from_the_future(now, seq) {
+            return;
+        }
         let Some(n) = self.neighbours.get_mut(&conn) else { return };
         if n.have.insert(seq, ()) == Insert::Duplicate || !n.trusted(now) {
             return;
@@ -828,7 +903,7 @@ impl Swarm {
                 let free = old && *copies < self.config.origin_free_repairs;
                 if old {
                     let s = (seq % u64::from(self.config.substreams)) as usize;
-                    self.tier_demand[s].push_back((now, conn));
+                    self.tier_demand[s].push_back((now, conn, seq));
                 }
                 if !free && !self.origin_repair.take(now, 1.0) {
                     // Declined. For a chunk that should long have spread, say so, so the requester
@@ -844,7 +919,7 @@ impl Swarm {
             served.push(chunk.clone());
         }
         for chunk in served {
-            if self.uploads_in_flight >= self.config.max_upload_queue {
+            if self.upload_queue() >= self.config.max_upload_queue {
                 self.counters.requests_declined += 1;
                 self.send(conn, Message::Cancel { seq: chunk.seq() });
                 continue;
@@ -854,9 +929,28 @@ impl Swarm {
         }
     }
 
+    /// Stops pushing anything to `conn`, telling it so.
+    fn drop_child(&mut self, conn: ConnId) {
+        let substreams: Vec<u16> = self
+            .neighbours
+            .get_mut(&conn)
+            .map(|n| std::mem::take(&mut n.child_of).into_iter().collect())
+            .unwrap_or_default();
+        for substream in substreams {
+            self.send(conn, Message::Unsubscribe { substream });
+        }
+    }
+
+    /// Chunk streams in flight to neighbours that are taking them (a stuck neighbour's do not count:
+    /// they wait on its flow control, not on our uplink).
+    fn upload_queue(&self) -> usize {
+        self.neighbours.values().map(|n| n.uploads).filter(|&u| u < STUCK_UPLOADS).sum()
+    }
+
     fn send_chunk(&mut self, conn: ConnId, chunk: Verified, priority: i32) {
         let bytes = chunk.payload().len() as u64;
         if let Some(n) = self.neighbours.get_mut(&conn) {
+            n.uploads += 1;
             n.have.insert(chunk.seq(), ());
             n.stats.chunks_sent += 1;
             n.stats.bytes_sent += bytes;
@@ -877,6 +971,7 @@ impl Swarm {
             !already
                 && if self.config.role == Role::Origin {
                     on_probation
+                        || !self.origin_may_take(now, conn, substream)
                         || taken_here >= self.config.origin_fanout
                             && !(self.tier_open.get(usize::from(substream)) == Some(&true)
                                 && self.release_tier_slot(now, usize::from(substream)))
@@ -896,10 +991,6 @@ impl Swarm {
         let newest = self.chunks.end();
         let Some(n) = self.neighbours.get_mut(&conn) else { return };
         if n.child_of.insert(substream) {
-            #[cfg(test)]
-            if std::env::var("ROT").is_ok() && self.config.role == Role::Origin {
-                eprintln!("origin takes {:?} s{substream} at {}", n.node.map(|x| x.fmt_short()), now % 100_000_000);
-            }
             n.child_since.insert(substream, now);
         }
         // Catch the child up on what it lacks of this substream from `from_seq` on.
@@ -931,7 +1022,9 @@ impl Swarm {
             }
             // It refused or dropped us: look elsewhere for a while (a spread of times, so that
             // nodes refused together do not all come back together).
-            let back = 2_000_000 + self.rng.u64(..4_000_000);
+            // The origin is asked again sooner: its first-tier slots rotate.
+            let origin = self.neighbours.get(&conn).is_some_and(|n| n.role == Role::Origin);
+            let back = if origin { 500_000 + self.rng.u64(..2_000_000) } else { 2_000_000 + self.rng.u64(..4_000_000) };
             self.refused[s].insert(conn, now + back);
         }
     }
@@ -1036,6 +1129,12 @@ impl Swarm {
             self.send(conn, Message::Have { seq });
         }
         for conn in children {
+            if self.neighbours.get(&conn).is_some_and(|n| n.uploads >= STUCK_UPLOADS) {
+                // A child that does not take what we send (a slow or hostile reader) would tie up our
+                // uplink and queue chunks without end: stop pushing to it; it can subscribe elsewhere.
+                self.drop_child(conn);
+                continue;
+            }
             self.send_chunk(conn, chunk.clone(), PUSH_PRIORITY + urgency(newest, seq));
         }
         self.advance_playback(now);
@@ -1064,7 +1163,13 @@ impl Swarm {
             return;
         }
         if self.cursor.is_none() {
-            let (Some(edge), Some((_, _, dur))) = (self.live_edge, self.reference) else { return };
+            let (Some(claimed), Some((_, _, dur))) = (self.live_edge, self.reference) else { return };
+            // Claims heard before our first verified chunk may be lies: never start beyond the edge
+            // the clock allows.
+            let edge = self.newest_possible(now).map_or(claimed, |newest| claimed.min(newest));
+            if edge < claimed {
+                self.live_edge = Some(edge);
+            }
             // Start as far back as the target latency allows while leaving time to fetch the chunk:
             // the first chunk whose deadline is at least a quarter of the latency away.
             let back = self.config.target_latency_us / u64::from(dur.max(1));
@@ -1088,6 +1193,17 @@ impl Swarm {
             guard += 1;
             if guard > 2 * self.config.window + 8 {
                 break;
+            }
+            if seq + self.config.window as u64 <= self.chunks.base() {
+                // The stream jumped by more than a window (the broadcaster restarted, or we were cut
+                // off for long): that is a discontinuity, not a run of missed chunks. Mark the gap once
+                // and start again at the next random-access chunk.
+                if self.cursor_started {
+                    self.outputs.push_back(Output::Skip { seq });
+                }
+                self.cursor_started = false;
+                self.cursor = Some(self.chunks.base());
+                continue;
             }
             if seq < self.chunks.base() {
                 // Fell out of the window: everything up to the base was missed.
@@ -1213,9 +1329,10 @@ impl Swarm {
                 })
                 .map(|(c, n)| {
                     let load = n.requests_out + batches.get(c).map_or(0, Vec::len);
-                    // The origin serves repair only when nobody else can; among the rest, the least
-                    // loaded, then a random one, so repair load spreads instead of piling on one node.
-                    ((n.role == Role::Origin, load, self.rng.u32(..)), *c)
+                    // The origin serves repair only when nobody else can; among the rest, one that
+                    // has delivered before (an unproven one may be a free rider), the least loaded,
+                    // then a random one, so repair load spreads instead of piling on one node.
+                    ((n.role == Role::Origin, n.credit <= 0, load, self.rng.u32(..)), *c)
                 })
                 .min()
                 .map(|(_, c)| c);
@@ -1260,14 +1377,21 @@ impl Swarm {
     /// with a pause to see whether it helped.
     fn rotate_tier(&mut self, now: Time) {
         for s in 0..self.tier_demand.len() {
+            let s16 = s as u16;
+            if self.neighbours.values().any(|n| n.child_of.contains(&s16)) {
+                self.tier_empty_since[s] = None;
+            } else {
+                self.tier_empty_since[s].get_or_insert(now);
+            }
             let demand = &mut self.tier_demand[s];
-            while demand.front().is_some_and(|(t, _)| *t + 2_000_000 < now) {
+            while demand.front().is_some_and(|(t, _, _)| *t + 2_000_000 < now) {
                 demand.pop_front();
             }
             self.tier_probation[s].retain(|_, t| *t > now);
-            let askers: HashSet<ConnId> = demand.iter().map(|(_, c)| *c).collect();
+            let askers: HashSet<ConnId> = demand.iter().map(|(_, c, _)| *c).collect();
+            let late: HashSet<u64> = demand.iter().map(|(_, _, seq)| *seq).collect();
             if self.tier_open[s]
-                || askers.len() < self.config.origin_rotate_demand
+                || askers.len() < self.config.origin_rotate_demand && late.len() < 2
                 || now < self.tier_rotated_at[s] + 3_000_000
             {
                 continue;
@@ -1276,11 +1400,32 @@ impl Swarm {
             self.tier_rotated_at[s] = now;
             self.tier_demand[s].clear();
             self.tier_open[s] = true;
-            #[cfg(test)]
-            if std::env::var("ROT").is_ok() {
-                eprintln!("open s{s} at {} askers {}", now % 100_000_000, askers.len());
+        }
+    }
+
+    /// On the origin: whether `conn` may hold a first-tier slot of `substream` as far as spreading
+    /// the first tier goes. Each node holds at most `origin_slots_per_node` slots (more only in a
+    /// substream that has had no child for two seconds: a small swarm), in one of the least-served
+    /// substreams, so one free rider or one departure hurts fewer substreams.
+    fn origin_may_take(&self, now: Time, conn: ConnId, substream: u16) -> bool {
+        let k = usize::from(self.config.substreams);
+        let held = self.neighbours.get(&conn).map_or(0, |n| n.child_of.len());
+        // A second slot only for a substream nobody else has taken for a while (a small swarm).
+        let starved =
+            self.tier_empty_since.get(usize::from(substream)).is_some_and(|t| t.is_some_and(|t| now >= t + 2_000_000));
+        if held >= self.config.origin_slots_per_node && !starved {
+            return false;
+        }
+        let mut per = vec![0usize; k];
+        for n in self.neighbours.values() {
+            for &s in &n.child_of {
+                if let Some(c) = per.get_mut(usize::from(s)) {
+                    *c += 1;
+                }
             }
         }
+        let least = per.iter().copied().min().unwrap_or(0);
+        per.get(usize::from(substream)).is_some_and(|&c| c <= least || c >= self.config.origin_fanout)
     }
 
     /// On the origin: releases the longest-held first-tier slot of substream `s` (held at least a
@@ -1290,6 +1435,7 @@ impl Swarm {
         let oldest = self
             .neighbours
             .iter()
+            .filter(|(_, n)| n.child_of.contains(&s16))
             .filter_map(|(c, n)| Some((*n.child_since.get(&s16)?, *c, n.node?)))
             .filter(|(since, _, _)| now >= since + 2_000_000)
             .min();
@@ -1299,10 +1445,6 @@ impl Swarm {
         self.tier_demand[s].clear();
         self.tier_probation[s].insert(id, now + 30_000_000);
         self.counters.tier_rotations += 1;
-        #[cfg(test)]
-        if std::env::var("ROT").is_ok() {
-            eprintln!("release {} s{s} at {}", id.fmt_short(), now % 100_000_000);
-        }
         if let Some(n) = self.neighbours.get_mut(&conn) {
             n.child_of.remove(&s16);
             n.child_since.remove(&s16);
@@ -1441,6 +1583,10 @@ impl Swarm {
 
 /// On the origin: a chunk requested this long after publishing should have come through the tree, µs.
 const OLD_AT_ORIGIN_US: u64 = 400_000;
+
+/// A neighbour with this many chunk streams still in flight is not taking them (flow control): it gets
+/// no more pushes and its streams no longer count as load on our uplink.
+const STUCK_UPLOADS: usize = 8;
 
 /// Pushed chunks go ahead of repair answers on our uplink: the push tree is what keeps everyone fed.
 const PUSH_PRIORITY: i32 = 100_000;

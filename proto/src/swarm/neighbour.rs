@@ -91,6 +91,8 @@ pub(crate) struct Neighbour {
     push_lag: Vec<Option<u64>>,
     /// Our requests in flight to it.
     pub(crate) requests_out: usize,
+    /// Chunk streams we asked the driver to send it and that are not reported done yet.
+    pub(crate) uploads: usize,
     /// It declined a request, or keeps failing them: do not ask it again before this.
     pub(crate) busy_until: Time,
     /// Our requests to it that timed out since it last delivered a chunk.
@@ -123,6 +125,7 @@ impl Neighbour {
             lag: Vec::new(),
             push_lag: Vec::new(),
             requests_out: 0,
+            uploads: 0,
             busy_until: 0,
             timeouts_in_a_row: 0,
             credit: 0,

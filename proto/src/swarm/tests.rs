@@ -87,8 +87,7 @@ fn forged_chunks_are_never_delivered_or_relayed_and_forgers_are_dropped() {
     let result = Sim::new(cfg).run();
     assert_eq!(result.forged_relayed, 0);
     assert!(result.nodes.iter().all(|r| r.forged_delivered == 0));
-    // Full continuity here is open work (issue 4); hold the line at 98 %.
-    assert_continuity_at_least(&result, 0.98);
+    assert_full_continuity(&result);
     let bans: u64 = result.nodes.iter().filter(|r| !r.adversary).map(|r| r.counters.bans).sum();
     assert!(bans > 0, "nobody banned a forger");
 }
