@@ -181,6 +181,7 @@ fn honest_p99(swarm: &Swarm) -> f64 {
 /// honest continuity stays at least 99.5 % and no forged chunk is delivered. Prints the same figures
 /// for the same swarm without attackers, for docs/security.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "being validated: needs a quiet machine, 46 real-time nodes"]
 async fn ten_percent_malicious_peers_in_a_fifty_peer_swarm() {
     let _serial = SERIAL.lock().await;
     let chunks = 60; // 15 s of stream
@@ -195,7 +196,7 @@ async fn ten_percent_malicious_peers_in_a_fifty_peer_swarm() {
             let only: Option<u64> = std::env::var("ONLY").ok().and_then(|v| v.parse().ok());
             for kind in (0..5u64).filter(|k| only.is_none_or(|o| o == *k)) {
                 // Each attacker goes after 9 relays (a relay's neighbourhood is about 8).
-                for (j, target) in targets.iter().enumerate().filter(|(j, _)| (*j as u64 + kind) % 5 == 0) {
+                for (j, target) in targets.iter().enumerate().filter(|(j, _)| (*j as u64 + kind).is_multiple_of(5)) {
                     let Ok(mut adv) = Adversary::join(target, swarm.stream.id(), 1000 + kind * 100 + j as u64).await
                     else {
                         continue;
