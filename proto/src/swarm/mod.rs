@@ -867,11 +867,11 @@ impl Swarm {
     }
 
     fn on_have(&mut self, now: Time, conn: ConnId, seq: u64) {
-        if self.is_from_the_future(now, seq) {
-            return;
-        }
+        let future = self.is_from_the_future(now, seq);
         let Some(n) = self.neighbours.get_mut(&conn) else { return };
-        if n.have.insert(seq, ()) == Insert::Duplicate || !n.trusted(now) {
+        if n.have.insert(seq, ()) == Insert::Duplicate || !n.trusted(now) || future {
+            // A claim from the future is remembered (so the chunk can be asked for once it can
+            // exist) but moves nothing: not the live edge, not the neighbour's standing as a parent.
             return;
         }
         self.note_news(now, conn, seq);
@@ -879,6 +879,9 @@ impl Swarm {
 
     fn on_request(&mut self, now: Time, conn: ConnId, seqs: Vec<u64>) {
         let origin = self.config.role == Role::Origin;
+        // An origin with first-tier slots to spare has upload to spare: its budget is the slots,
+        // whoever they serve (a small swarm, or one re-forming after a restart).
+        let spare = origin && self.children() < self.config.origin_fanout * usize::from(self.config.substreams);
         let newest = self.chunks.end();
         let mut served = Vec::new();
         for seq in seqs.into_iter().take(MAX_REQUEST) {
@@ -900,7 +903,7 @@ impl Swarm {
                 // tier is not spreading it: serve a copy anyway, and note who asked.
                 let old = self.first_news.get(&seq).is_some_and(|&t| now >= t + OLD_AT_ORIGIN_US);
                 let copies = self.origin_repaired.entry(seq).or_insert(0);
-                let free = old && *copies < self.config.origin_free_repairs;
+                let free = spare || (old && *copies < self.config.origin_free_repairs);
                 if old {
                     let s = (seq % u64::from(self.config.substreams)) as usize;
                     self.tier_demand[s].push_back((now, conn, seq));
@@ -1175,8 +1178,15 @@ impl Swarm {
             let back = self.config.target_latency_us / u64::from(dur.max(1));
             let margin = self.config.target_latency_us / 4;
             let first = edge.saturating_sub(back).max(self.chunks.base());
-            let start =
-                (first..=edge).find(|&seq| self.deadline(seq).is_some_and(|d| d > now + margin)).unwrap_or(edge);
+            let start = match (first..=edge).find(|&seq| self.deadline(seq).is_some_and(|d| d > now + margin)) {
+                Some(start) => start,
+                // Everything we know of is already too late. If the clock says newer chunks exist
+                // (we only hold a backlog, e.g. just after a broadcaster restart), wait for them
+                // rather than start on chunks that will be skipped; otherwise the swarm is simply
+                // slower than the target latency: start at the edge.
+                None if self.newest_possible(now).is_some_and(|n| n > edge + back + 2) => return,
+                None => edge,
+            };
             self.cursor = Some(start);
         }
         if !self.cursor_started
@@ -1184,7 +1194,9 @@ impl Swarm {
         {
             // Not playing yet: start at the first random-access chunk we hold from the cursor on,
             // rather than waiting for the one at the cursor itself.
-            if let Some((seq, _)) = self.chunks.iter().find(|(seq, c)| *seq >= from && c.header().is_random_access()) {
+            if let Some((seq, _)) = self.chunks.iter().find(|(seq, c)| {
+                *seq >= from && c.header().is_random_access() && self.deadline(*seq).is_none_or(|d| d > now)
+            }) {
                 self.cursor = Some(seq);
             }
         }
@@ -1201,9 +1213,11 @@ impl Swarm {
                 if self.cursor_started {
                     self.outputs.push_back(Output::Skip { seq });
                 }
+                // Start again like a joiner: target latency behind the live edge.
                 self.cursor_started = false;
-                self.cursor = Some(self.chunks.base());
-                continue;
+                self.cursor = None;
+                self.next_tick = Some(now);
+                break;
             }
             if seq < self.chunks.base() {
                 // Fell out of the window: everything up to the base was missed.
@@ -1290,10 +1304,15 @@ impl Swarm {
             if self.chunks.contains(seq) || self.requests.contains_key(&seq) {
                 continue;
             }
-            let Some(&heard) = self.first_news.get(&seq) else { continue };
             let s = (seq % k) as usize;
             let holders =
                 self.neighbours.values().filter(|n| n.hello_done() && n.trusted(now) && n.have.contains(seq)).count();
+            // A chunk announced while it looked like the future has no news time yet: it is news now.
+            let heard = match self.first_news.get(&seq) {
+                Some(&t) => t,
+                None if holders > 0 => *self.first_news.entry(seq).or_insert(now),
+                None => continue,
+            };
             if holders == 0 {
                 continue;
             }
