@@ -93,7 +93,7 @@ fn forged_chunks_are_never_delivered_or_relayed_and_forgers_are_dropped() {
 }
 
 #[test]
-#[ignore = "free riders that take every first-tier slot starve the swarm: the origin has no signal that a child does not relay (open work, issue 4)"]
+#[ignore = "free riders holding the whole first tier from the start: the origin now rotates slots and nodes route around them (93 skips over 21 nodes, was 1155), but not yet fast enough for zero skips in the first seconds (open work, issue 4)"]
 fn a_stalling_parent_is_replaced() {
     let mut cfg = scenario(25);
     // Early joiners are likely parents; make some of them free riders that never send a chunk.
