@@ -32,7 +32,8 @@ fn damaged_genuine_chunk(data: &[u8]) {
         return;
     }
     let (edits, payload) = rest.split_at(3 * count);
-    let genuine = Verified::sign(key(), 7, 1_700_000_000_000_000, 250_000, Flags::RANDOM_ACCESS, Bytes::copy_from_slice(payload));
+    let genuine =
+        Verified::sign(key(), 7, 1_700_000_000_000_000, 250_000, Flags::RANDOM_ACCESS, Bytes::copy_from_slice(payload));
     let mut wire = Vec::new();
     genuine.encode(&mut wire);
     for edit in edits.chunks_exact(3) {
