@@ -229,6 +229,9 @@ enum RunEnd {
     Discontinuity,
     /// Demuxing or decoding failed.
     Error,
+    /// The broadcaster's last chunk was read: flush everything (nothing follows to push the last
+    /// picture out of the demuxer).
+    EndOfStream,
     /// The pacer is gone: the player is stopping.
     Closed,
 }
@@ -309,6 +312,9 @@ impl Read for FeedReader {
                     let start = feed.taken;
                     feed.taken += feed.pending.len() as u64;
                     feed.push_mark(Mark::of(&chunk, start));
+                    if chunk.end_of_stream {
+                        feed.end = Some(RunEnd::EndOfStream);
+                    }
                 }
                 Err(_) => feed.end = Some(RunEnd::Closed),
             }
@@ -383,6 +389,7 @@ impl Decoder {
                     info!(run_from = first.seq, "gap in the stream: resuming at the next random-access chunk")
                 }
                 RunEnd::Discontinuity => debug!("discontinuity: restarting the demuxer"),
+                RunEnd::EndOfStream => info!("end of the stream: decoder flushed"),
                 RunEnd::Error => {
                     self.stats.lock().decode_errors += 1;
                     warn!("a chunk failed to decode: skipping to the next random-access chunk");
@@ -420,6 +427,9 @@ impl Decoder {
             feed.push_mark(Mark::of(first, 0));
             feed.end = None;
             feed.pictures_in_run = 0;
+            if first.end_of_stream {
+                feed.end = Some(RunEnd::EndOfStream);
+            }
             feed.stats.lock().chunks_played += 1;
         }
         let end = match self.demux_and_decode(first) {

@@ -239,6 +239,7 @@ pub async fn run(mut config: PlayerConfig, shutdown: impl Future<Output = ()>) -
     let mut last_delivery = Instant::now();
     let mut started = false;
     let mut silent_warned = false;
+    let mut silent_at: Option<Instant> = None;
     let mut last_status = Instant::now();
     let mut decode_tx = decode_tx;
     let mut last_bytes = (0u64, 0u64, Instant::now());
@@ -277,6 +278,7 @@ pub async fn run(mut config: PlayerConfig, shutdown: impl Future<Output = ()>) -
                 }
                 started = true;
                 silent_warned = false;
+                silent_at = None;
                 last_delivery = Instant::now();
                 pacer.handle_delivery(delivery);
             }
@@ -284,10 +286,12 @@ pub async fn run(mut config: PlayerConfig, shutdown: impl Future<Output = ()>) -
                 let s = handle.stats();
                 pacer.set_origin_offset(s.origin_offset_us);
                 let quiet = last_delivery.elapsed();
-                if !silent_warned && quiet >= Duration::from_secs(5) {
+                let warn_again = silent_at.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(15));
+                if quiet >= Duration::from_secs(5) && warn_again {
                     silent_warned = true;
+                    silent_at = Some(Instant::now());
                     if !started && s.neighbours == 0 {
-                        warn!(after_s = quiet.as_secs(), "cannot reach any peer named in the ticket yet; still trying");
+                        warn!(waited_s = quiet.as_secs(), "cannot reach any peer named in the ticket (is the broadcaster running, is the ticket current?); still trying");
                     } else if !started {
                         warn!(neighbours = s.neighbours, "the stream has not started yet (no chunks so far); still trying");
                     } else {
@@ -326,7 +330,7 @@ pub async fn run(mut config: PlayerConfig, shutdown: impl Future<Output = ()>) -
                         skipped = s.counters.skipped,
                         up_kB = s.counters.chunk_bytes_up / 1000,
                         down_kB = s.counters.chunk_bytes_down / 1000,
-                        "playing"
+                        "{}", if started && !silent_warned { "playing" } else { "waiting for the stream" }
                     );
                 }
             }
