@@ -106,7 +106,6 @@ async fn a_request_flood_is_cut_off_and_honest_relays_keep_playing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole found: a neighbour announcing chunks from the future becomes everyone's parent; defence in progress"]
 async fn liars_free_riders_and_slow_readers_do_not_stop_honest_relays() {
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::start(6, 4).await;
@@ -181,7 +180,6 @@ fn honest_p99(swarm: &Swarm) -> f64 {
 /// honest continuity stays at least 99.5 % and no forged chunk is delivered. Prints the same figures
 /// for the same swarm without attackers, for docs/security.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "being validated: needs a quiet machine, 46 real-time nodes"]
 async fn ten_percent_malicious_peers_in_a_fifty_peer_swarm() {
     let _serial = SERIAL.lock().await;
     let chunks = 60; // 15 s of stream
@@ -193,8 +191,7 @@ async fn ten_percent_malicious_peers_in_a_fifty_peer_swarm() {
         let mut tasks = tokio::task::JoinSet::new();
         if attacked {
             let targets: Vec<_> = swarm.relays.iter().map(|r| r.handle.node_addr()).collect();
-            let only: Option<u64> = std::env::var("ONLY").ok().and_then(|v| v.parse().ok());
-            for kind in (0..5u64).filter(|k| only.is_none_or(|o| o == *k)) {
+            for kind in 0..5u64 {
                 // Each attacker goes after 9 relays (a relay's neighbourhood is about 8).
                 for (j, target) in targets.iter().enumerate().filter(|(j, _)| (*j as u64 + kind).is_multiple_of(5)) {
                     let Ok(mut adv) = Adversary::join(target, swarm.stream.id(), 1000 + kind * 100 + j as u64).await
@@ -243,24 +240,6 @@ async fn ten_percent_malicious_peers_in_a_fifty_peer_swarm() {
         let last = swarm.publish(chunks).await;
         swarm.settle(last, Duration::from_secs(5)).await;
         let (worst, forged) = swarm.summary();
-        if std::env::var("DEBUG_TALLY").is_ok() {
-            for r in &swarm.relays {
-                let t = r.tally.lock().unwrap().clone();
-                let st = r.handle.stats();
-                if t.continuity() < 0.99 {
-                    eprintln!(
-                        "relay {} delivered {} skipped {} edge {:?} cursor {:?} nbrs {} counters {:?} last {last}",
-                        st.node,
-                        t.delivered.len(),
-                        t.skipped.len(),
-                        st.live_edge,
-                        st.playback_cursor,
-                        st.neighbours,
-                        st.counters
-                    );
-                }
-            }
-        }
         let bans: u64 = swarm.relays.iter().map(|r| r.handle.stats().counters.bans).sum();
         results.push((attacked, worst, honest_p99(&swarm), forged, bans));
         while let Some(Ok(adv)) = tasks.join_next().await {
