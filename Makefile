@@ -8,7 +8,7 @@ APT_PACKAGES := gcc libc6-dev pkg-config clang libclang-dev libavcodec-dev libav
 	libsdl2-dev libsdl2-ttf-dev fonts-dejavu-core
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup lint bench fuzz doc
+.PHONY: demo test setup lint bench fuzz doc trust
 
 ## demo: the broadcaster's test source, 4 relays and the player on this machine — in a window when
 ## there is a display, else on http://127.0.0.1:8080/stream.ts for mpv/VLC (RELAYS=, LATENCY=, HTTP=)
@@ -50,3 +50,7 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	cd fuzz && for t in decode_message parse_ticket decode_chunk; do \
 		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -jobs=1 || exit 1; done
+
+## trust: lab (100 real QUIC peers over emulated 20 ms links) against the simulator on the same scenario
+trust:
+	cargo test -p crowdsurf-peer --test trust -- --ignored --nocapture
