@@ -36,14 +36,8 @@ fn examples() -> Result<Vec<Example>, Box<dyn Error>> {
     let stream_key = StreamKey::from_secret_bytes([0x11; 32]);
     let node_key = NodeKey::from_secret_bytes([0x22; 32]);
     let payload = Bytes::from_static(b"hello, swarm");
-    let chunk = Verified::sign(
-        &stream_key,
-        1000,
-        1_700_000_000_000_000,
-        250_000,
-        Flags::RANDOM_ACCESS,
-        payload.clone(),
-    );
+    let chunk =
+        Verified::sign(&stream_key, 1000, 1_700_000_000_000_000, 250_000, Flags::RANDOM_ACCESS, payload.clone());
     // The example must itself be a valid chunk.
     let mut wire = Vec::new();
     chunk.encode(&mut wire);
@@ -66,7 +60,10 @@ fn examples() -> Result<Vec<Example>, Box<dyn Error>> {
         Example { title: "stream id (its ed25519 public key)", body: hex_lines(stream_key.id().as_bytes()) },
         Example { title: "payload (12 bytes: \"hello, swarm\")", body: hex_lines(&payload) },
         Example { title: "signing bytes (113)", body: hex_lines(&chunk.header().signing_bytes(&stream_key.id())) },
-        Example { title: "signed chunk header (121): header (57) then signature (64)", body: hex_lines(&chunk.signed_header_bytes()) },
+        Example {
+            title: "signed chunk header (121): header (57) then signature (64)",
+            body: hex_lines(&chunk.signed_header_bytes()),
+        },
         Example { title: "Have { seq: 1000 } frame (13)", body: hex_lines(&Message::Have { seq: 1000 }.to_frame()) },
         Example { title: "node secret key (every byte 0x22) gives node id", body: hex_lines(node_key.id().as_bytes()) },
         Example { title: "ticket bytes", body: hex_lines(&ticket.to_bytes()) },
