@@ -95,7 +95,12 @@ impl Swarm {
             relays: Vec::new(),
             boot,
             published: Default::default(),
-            tick: tokio::time::interval(Duration::from_millis(250)),
+            tick: {
+                // A live source never catches up in a burst after a pause: it just goes on.
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            },
             last: first,
             tasks,
         };

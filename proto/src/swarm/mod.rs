@@ -1244,7 +1244,11 @@ impl Swarm {
                 continue;
             }
             match self.deadline(seq) {
-                Some(d) if now > d && self.live_edge.is_some_and(|e| e > seq) => {
+                // Skip only a chunk that surely exists: one we have verified a later chunk than.
+                // Claims are not enough (a liar could make us skip chunks the broadcaster has not
+                // made yet, e.g. during an input stall), and a deadline alone is not either (the
+                // broadcaster may have paused).
+                Some(d) if now > d && self.reference.is_some_and(|(verified, _, _)| verified > seq) => {
                     if self.cursor_started {
                         self.counters.skipped += 1;
                         self.outputs.push_back(Output::Skip { seq });
