@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crowdsurf_proto::chunk::{Verified, Verifier};
@@ -53,8 +53,16 @@ pub struct NodeConfig {
     pub max_chunk_sends_per_neighbour: usize,
     /// A chunk not delivered to a neighbour within this is abandoned (its deadline has passed).
     pub chunk_send_timeout: Duration,
-    /// The most handshakes in progress at once; more connection attempts are refused unanswered.
+    /// The most handshakes in progress at once. Beyond it, attempts from a validated address are
+    /// refused (one CONNECTION_REFUSED packet, no state); unvalidated ones get a Retry (see
+    /// `retry_above_handshakes`).
     pub max_pending_handshakes: usize,
+    /// With this many handshakes in progress, an attempt whose source address is not yet validated
+    /// is answered with a stateless QUIC Retry instead of a handshake: a spoofed-source flood then
+    /// costs one small packet per attempt and holds no handshake slot, while a real dialer comes
+    /// back with the token one round trip later. Below it, handshakes start at once (no extra round
+    /// trip in normal times). Zero: always ask for validation.
+    pub retry_above_handshakes: usize,
 }
 
 impl NodeConfig {
@@ -77,6 +85,7 @@ impl NodeConfig {
             max_chunk_sends_per_neighbour: 32,
             chunk_send_timeout: Duration::from_secs(3),
             max_pending_handshakes: 64,
+            retry_above_handshakes: 16,
         }
     }
 }
@@ -107,12 +116,78 @@ enum Command {
     Shutdown,
 }
 
+/// What a node did with incoming connection attempts, since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandshakeStats {
+    /// Attempts seen (each first packet of a new connection, counting retried ones again when they
+    /// come back with their token).
+    pub attempts: u64,
+    /// Answered with a Retry (address validation asked, no state kept).
+    pub retried: u64,
+    /// Refused with CONNECTION_REFUSED: validated, but the handshake cap was reached.
+    pub refused: u64,
+    /// Handshakes started.
+    pub started: u64,
+    /// Of those, completed (the dialer proved its node key).
+    pub completed: u64,
+    /// Of those, failed or timed out.
+    pub failed: u64,
+    /// The most handshakes in progress at once.
+    pub peak_pending: u64,
+}
+
+/// A neighbour the node reported as misbehaving: who, and what it did (the driver's own record,
+/// kept beside the state machine's ban list so tests and operators can see who sent what).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offence {
+    /// The neighbour's node id (from its TLS handshake).
+    pub node: NodeId,
+    /// What it did.
+    pub what: Misbehaviour,
+}
+
+/// The most offences a node remembers (the oldest are forgotten first).
+const MAX_OFFENCES: usize = 4096;
+
+#[derive(Debug, Default)]
+struct HandshakeCounters {
+    pending: AtomicUsize,
+    attempts: AtomicU64,
+    retried: AtomicU64,
+    refused: AtomicU64,
+    started: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    peak_pending: AtomicU64,
+}
+
+impl HandshakeCounters {
+    fn snapshot(&self) -> HandshakeStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        HandshakeStats {
+            attempts: get(&self.attempts),
+            retried: get(&self.retried),
+            refused: get(&self.refused),
+            started: get(&self.started),
+            completed: get(&self.completed),
+            failed: get(&self.failed),
+            peak_pending: get(&self.peak_pending),
+        }
+    }
+    fn bump(a: &AtomicU64) {
+        a.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Controls a running node. Cheap to clone.
 #[derive(Clone)]
 pub struct NodeHandle {
     commands: mpsc::UnboundedSender<Command>,
     stats: StatsCell,
     addr: NodeAddr,
+    handshakes: Arc<HandshakeCounters>,
+    offences: Arc<std::sync::Mutex<std::collections::VecDeque<Offence>>>,
+    link: Option<crate::net::emulate::LinkHandle>,
 }
 
 impl NodeHandle {
@@ -135,6 +210,20 @@ impl NodeHandle {
     /// This node's id and announced address, as a bootstrap entry for a ticket.
     pub fn node_addr(&self) -> NodeAddr {
         self.addr.clone()
+    }
+    /// What the node did with incoming connection attempts so far.
+    pub fn handshakes(&self) -> HandshakeStats {
+        self.handshakes.snapshot()
+    }
+    /// The emulated link under the node's endpoint (see [`crate::net::EndpointConfig::link`]): to
+    /// read its counters or cut the node off the network for a while.
+    pub fn link(&self) -> Option<crate::net::emulate::LinkHandle> {
+        self.link.clone()
+    }
+    /// Every neighbour reported as misbehaving so far (the latest 4096), oldest first: e.g. the
+    /// senders of chunks that failed verification.
+    pub fn offences(&self) -> Vec<Offence> {
+        self.offences.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
     }
 }
 
@@ -165,6 +254,8 @@ pub struct Node {
     deliveries: Option<mpsc::UnboundedSender<Delivery>>,
     delivery_rx: Option<mpsc::UnboundedReceiver<Delivery>>,
     clock: Clock,
+    handshakes: Arc<HandshakeCounters>,
+    offences: Arc<std::sync::Mutex<std::collections::VecDeque<Offence>>>,
 }
 
 /// Wall-clock microseconds, made monotonic: chunk capture times are wall clock, but timers must never
@@ -203,10 +294,15 @@ impl Node {
         let swarm = Swarm::new(swarm_config, config.stream, config.key.id());
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = StatsCell::new(config.key.id(), config.swarm.role);
+        let handshakes = Arc::new(HandshakeCounters::default());
+        let offences = Arc::default();
         let handle = NodeHandle {
             commands: tx,
             stats: stats.clone(),
             addr: NodeAddr { id: config.key.id(), addrs: vec![announce] },
+            handshakes: handshakes.clone(),
+            offences: Arc::clone(&offences),
+            link: endpoint.link(),
         };
         let (dtx, drx) = mpsc::unbounded_channel();
         info!(node = %config.key.id().fmt_short(), addr = %announce, role = ?config.swarm.role, "node listening");
@@ -220,6 +316,8 @@ impl Node {
             deliveries: Some(dtx),
             delivery_rx: Some(drx),
             clock: Clock::new(),
+            handshakes,
+            offences,
         };
         Ok((node, handle))
     }
@@ -259,7 +357,6 @@ impl Node {
         let mut conns: HashMap<ConnId, (mpsc::UnboundedSender<ConnCommand>, Connection)> = HashMap::new();
         let mut sends: HashMap<(ConnId, u64), AbortHandle> = HashMap::new();
         let mut next_conn = 1u64;
-        let handshakes = Arc::new(AtomicUsize::new(0));
         let now = self.clock.now_us();
         self.swarm.add_peers(now, self.config.bootstrap.clone());
         let mut stats_at = Instant::now();
@@ -283,23 +380,7 @@ impl Node {
                 },
                 incoming = self.endpoint.accept_incoming() => {
                     let Some(incoming) = incoming else { break };
-                    let pending = handshakes.load(Ordering::Relaxed);
-                    if pending >= self.config.max_pending_handshakes {
-                        debug!(from = %incoming.remote_addr(), pending, "too many handshakes at once; refusing");
-                        incoming.refuse();
-                        continue;
-                    }
-                    handshakes.fetch_add(1, Ordering::Relaxed);
-                    let counter = handshakes.clone();
-                    let tx = events_tx.clone();
-                    tasks.spawn(async move {
-                        let result = incoming.finish().await;
-                        counter.fetch_sub(1, Ordering::Relaxed);
-                        match result {
-                            Ok(conn) => { let _ = tx.send(ConnEvent::Up { conn, outbound: false }); }
-                            Err(e) => debug!(error = %e, "inbound handshake failed"),
-                        }
-                    }.in_current_span());
+                    self.admit(incoming, &events_tx, &mut tasks);
                 }
                 Some(event) = events.recv() => {
                     let now = self.clock.now_us();
@@ -335,7 +416,15 @@ impl Node {
                             self.swarm.handle_chunk(now, id, chunk);
                         }
                         ConnEvent::Misbehaved { id, what, why } => {
-                            warn!(conn = id.0, ?what, %why, "neighbour misbehaved; dropping and banning it");
+                            let node = conns.get(&id).map(|(_, c)| c.remote_id());
+                            warn!(conn = id.0, peer = ?node.map(|n| n.fmt_short()), ?what, %why, "neighbour misbehaved; dropping and banning it");
+                            if let Some(node) = node {
+                                let mut offences = self.offences.lock().unwrap_or_else(|p| p.into_inner());
+                                if offences.len() >= MAX_OFFENCES {
+                                    offences.pop_front();
+                                }
+                                offences.push_back(Offence { node, what });
+                            }
                             self.swarm.handle_misbehaviour(now, id, what);
                         }
                         ConnEvent::Sent { id, seq } => {
@@ -369,6 +458,60 @@ impl Node {
         self.endpoint.close();
         info!(node = %self.config.key.id().fmt_short(), "node stopped");
         Ok(())
+    }
+
+    /// Decides what to do with one connection attempt: start its handshake, ask it to prove its
+    /// address (Retry), or refuse it. Never waits.
+    fn admit(
+        &self,
+        incoming: crate::net::Accepting,
+        events: &mpsc::UnboundedSender<ConnEvent>,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let counters = &self.handshakes;
+        HandshakeCounters::bump(&counters.attempts);
+        let pending = counters.pending.load(Ordering::Relaxed);
+        let from = incoming.remote_addr();
+        let incoming = if pending >= self.config.retry_above_handshakes && !incoming.remote_address_validated() {
+            match incoming.retry() {
+                Ok(()) => {
+                    HandshakeCounters::bump(&counters.retried);
+                    trace!(%from, pending, "many handshakes at once; asked for address validation");
+                    return;
+                }
+                Err(incoming) => *incoming,
+            }
+        } else {
+            incoming
+        };
+        if pending >= self.config.max_pending_handshakes {
+            HandshakeCounters::bump(&counters.refused);
+            debug!(%from, pending, "too many handshakes at once; refusing a validated attempt");
+            incoming.refuse();
+            return;
+        }
+        let now_pending = counters.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        counters.peak_pending.fetch_max(now_pending as u64, Ordering::Relaxed);
+        HandshakeCounters::bump(&counters.started);
+        let counters = counters.clone();
+        let tx = events.clone();
+        tasks.spawn(
+            async move {
+                let result = incoming.finish().await;
+                counters.pending.fetch_sub(1, Ordering::Relaxed);
+                match result {
+                    Ok(conn) => {
+                        HandshakeCounters::bump(&counters.completed);
+                        let _ = tx.send(ConnEvent::Up { conn, outbound: false });
+                    }
+                    Err(e) => {
+                        HandshakeCounters::bump(&counters.failed);
+                        debug!(error = %e, "inbound handshake failed");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     /// Carries out everything the state machine wants done.

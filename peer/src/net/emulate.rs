@@ -13,7 +13,7 @@
 //!    uniform jitter in `[0, jitter]`. Jitter never reorders datagrams to one destination (each is
 //!    released no earlier than the previous one to the same address), like a single network path.
 //!
-//! Only sends are shaped: when both ends of a link emulate, each direction gets its own delay, so the
+//! Only sends are shaped (a [`LinkModel::deaf`] socket also throws away all it receives): when both ends of a link emulate, each direction gets its own delay, so the
 //! round trip is `2 × delay`. Receives are untouched.
 //!
 //! **The timer.** A delayed datagram must go out when its time comes even if quinn never calls the
@@ -65,6 +65,9 @@ pub struct LinkModel {
     pub queue: Duration,
     /// Seed for loss and jitter.
     pub seed: u64,
+    /// Drop every datagram that arrives: the endpoint sends but never hears an answer, as a sender
+    /// with a spoofed source address (the answers go to whoever really has that address).
+    pub deaf: bool,
 }
 
 impl Default for LinkModel {
@@ -77,6 +80,7 @@ impl Default for LinkModel {
             burst_bytes: 16 * 1024,
             queue: Duration::from_millis(100),
             seed: 1,
+            deaf: false,
         }
     }
 }
@@ -103,6 +107,11 @@ impl LinkModel {
     pub fn with_rate(mut self, bytes_per_sec: u64) -> Self {
         self.rate_bytes_per_sec = Some(bytes_per_sec);
         self
+    }
+
+    /// Makes the endpoint deaf (see [`LinkModel::deaf`]).
+    pub fn deaf() -> Self {
+        LinkModel { deaf: true, ..Default::default() }
     }
 
     /// Sets the seed.
@@ -195,6 +204,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Notify,
     closed: AtomicBool,
+    /// The link is cut (see [`LinkHandle::set_cut`]).
+    cut: AtomicBool,
     counters: Counters,
 }
 
@@ -239,6 +250,18 @@ impl LinkHandle {
     pub fn model(&self) -> &LinkModel {
         &self.shared.model
     }
+
+    /// Cuts the link (true) or restores it (false): while cut, every datagram sent is dropped
+    /// (counted as lost) and every datagram received is thrown away, as if the cable were pulled;
+    /// the node and its state live on.
+    pub fn set_cut(&self, cut: bool) {
+        self.shared.cut.store(cut, Ordering::Relaxed);
+    }
+
+    /// Whether the link is cut.
+    pub fn is_cut(&self) -> bool {
+        self.shared.cut.load(Ordering::Relaxed)
+    }
 }
 
 impl EmulatedSocket {
@@ -260,6 +283,7 @@ impl EmulatedSocket {
             model,
             wake: Notify::new(),
             closed: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
             counters: Counters::default(),
         });
         runtime.spawn(release(inner.clone(), shared.clone()));
@@ -286,6 +310,11 @@ impl AsyncUdpSocket for EmulatedSocket {
         let now = Instant::now();
         let mut st = self.shared.lock();
         let segment = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
+        if self.shared.cut.load(Ordering::Relaxed) {
+            let segments = transmit.contents.len().div_ceil(segment) as u64;
+            self.shared.counters.lost.fetch_add(segments, Ordering::Relaxed);
+            return Ok(());
+        }
         let mut contents = Vec::with_capacity(transmit.contents.len());
         let mut kept = 0usize;
         for piece in transmit.contents.chunks(segment) {
@@ -358,7 +387,13 @@ impl AsyncUdpSocket for EmulatedSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        loop {
+            match self.inner.poll_recv(cx, bufs, meta) {
+                // Read and thrown away, until the socket has nothing more (then the waker is set).
+                Poll::Ready(Ok(_)) if self.shared.model.deaf || self.shared.cut.load(Ordering::Relaxed) => {}
+                other => return other,
+            }
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

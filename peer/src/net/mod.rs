@@ -53,6 +53,9 @@ use tls::TlsIdentity;
 /// Application close code used when the endpoint as a whole shuts down.
 const ENDPOINT_CLOSE_CODE: u32 = 0;
 
+/// The most connection attempts held before the node has looked at them; more are refused by quinn.
+pub const MAX_INCOMING: usize = 1024;
+
 /// How a node's endpoint is set up. [`Default`] gives settings for a node on a real network.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -170,6 +173,12 @@ impl Endpoint {
         let server_tls = QuicServerConfig::try_from(tls.server_config()?).map_err(|e| NetError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(transport.clone());
+        // Connection attempts waiting for the node to look at them (each holds its first packet and
+        // whatever else arrives for it meanwhile): beyond these, quinn refuses at once. The node
+        // answers each within microseconds, so these only bound memory under a flood.
+        server.max_incoming(MAX_INCOMING);
+        server.incoming_buffer_size(64 * 1024);
+        server.incoming_buffer_size_total(8 * 1024 * 1024);
 
         let _guard = runtime.enter();
         let bind_err = |source| NetError::Bind { addr: config.listen, source };
@@ -218,6 +227,12 @@ impl Endpoint {
     /// What the emulated link under this endpoint did so far; `None` without [`EndpointConfig::link`].
     pub fn link_stats(&self) -> Option<LinkStats> {
         self.inner.link.as_ref().map(emulate::LinkHandle::stats)
+    }
+
+    /// The emulated link under this endpoint (to read its counters or cut it); `None` without
+    /// [`EndpointConfig::link`].
+    pub fn link(&self) -> Option<emulate::LinkHandle> {
+        self.inner.link.clone()
     }
 
     /// The address the socket is bound to (with the real port if the config asked for port 0).
@@ -331,9 +346,31 @@ impl Accepting {
         self.incoming.remote_address()
     }
 
-    /// Refuses the attempt without a handshake (the dialer sees the connection refused).
+    /// Whether the remote address is proven: the attempt carries a token we issued to that address
+    /// (after a [`Accepting::retry`]), so the packets really come from there.
+    pub fn remote_address_validated(&self) -> bool {
+        self.incoming.remote_address_validated()
+    }
+
+    /// Refuses the attempt without a handshake: answers with one small CONNECTION_REFUSED close
+    /// packet (the dialer sees the connection refused at once) and keeps no state.
     pub fn refuse(self) {
         self.incoming.refuse();
+    }
+
+    /// Answers with a QUIC Retry packet carrying an address-validation token, and keeps no state: a
+    /// real dialer (quinn does this by itself) comes back with the token, one round trip later, and
+    /// then [`Accepting::remote_address_validated`] is true; a spoofed source never does, so it costs
+    /// us one small packet and no handshake. Gives the attempt back if it was already validated (a
+    /// second retry is not allowed).
+    pub fn retry(self) -> Result<(), Box<Accepting>> {
+        let endpoint = self.endpoint;
+        self.incoming.retry().map_err(|e| Box::new(Accepting { incoming: e.into_incoming(), endpoint }))
+    }
+
+    /// Drops the attempt without sending anything.
+    pub fn ignore(self) {
+        self.incoming.ignore();
     }
 
     /// Runs the handshake, bounded by the connect timeout.
