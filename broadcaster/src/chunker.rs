@@ -67,6 +67,12 @@ pub struct Chunker {
     any_capture_us: Option<u64>,
     random_access: bool,
     missing_sps_warned: bool,
+    /// The next chunk with any media in it is flagged discontinuity (the input stalled before it).
+    discontinuity: bool,
+    /// The tables (SDT, PAT, PMT packets) that led the latest random-access chunk: put ahead of a
+    /// keyframe after a discontinuity when the muxer did not repeat them there (it repeats them
+    /// on its own schedule, which a keyframe forced after a stall falls outside of).
+    psi: Vec<u8>,
 }
 
 impl Chunker {
@@ -83,7 +89,24 @@ impl Chunker {
             any_capture_us: None,
             random_access: false,
             missing_sps_warned: false,
+            discontinuity: false,
+            psi: Vec::new(),
         }
+    }
+
+    /// The input was interrupted (it stalled) and is back: the next chunk with media in it is
+    /// flagged [`Flags::DISCONTINUITY`], so a player resets its demuxer and decoder there rather than
+    /// splicing across the gap. What was buffered from before the stall (less than a chunk's worth)
+    /// is dropped: it is as old as the stall, too late for any viewer, and a chunk that old could
+    /// look like a replay. Returns the number of bytes dropped.
+    pub fn mark_discontinuity(&mut self) -> usize {
+        let dropped = self.buf.len();
+        if self.packets > 0 {
+            let _ = self.take(Flags::empty());
+        }
+        self.buf.clear();
+        self.discontinuity = true;
+        dropped
     }
 
     /// Bytes the muxer wrote that belong to no media packet (header, trailer): appended as they are.
@@ -94,10 +117,20 @@ impl Chunker {
     /// The bytes of one media packet, as the muxer wrote them. Finished chunks are appended to `out`.
     pub fn push(&mut self, bytes: &[u8], meta: &PacketMeta, out: &mut Vec<Cut>) {
         let primary = meta.video || !self.has_video;
-        let leading_pat = primary && leading_psi_has_pat(bytes);
+        let mut leading_pat = primary && leading_psi_has_pat(bytes);
+        if leading_pat {
+            let tables = leading_tables(bytes);
+            self.psi.clear();
+            self.psi.extend_from_slice(tables);
+        }
         let cut_point = primary && if self.has_video { meta.key } else { leading_pat };
         if cut_point && self.packets > 0 {
             out.push(self.take(Flags::empty()));
+        }
+        if cut_point && self.packets == 0 && self.discontinuity && !leading_pat && !self.psi.is_empty() {
+            // A keyframe forced after a stall: give it the tables a decoder starts from.
+            self.buf.extend_from_slice(&self.psi);
+            leading_pat = true;
         }
         if self.packets == 0 && cut_point {
             let sps_ok = !meta.video || has_h264_sps(bytes);
@@ -140,6 +173,10 @@ impl Chunker {
         if self.random_access {
             flags |= Flags::RANDOM_ACCESS;
         }
+        if self.discontinuity && self.packets > 0 {
+            flags |= Flags::DISCONTINUITY;
+            self.discontinuity = false;
+        }
         let duration = match self.start_us {
             Some(start) => (self.end_us - start).clamp(0, i64::from(u32::MAX)),
             None => 0,
@@ -179,6 +216,15 @@ pub fn leading_psi_has_pat(bytes: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// The TS packets at the start of `bytes` that carry tables (see [`leading_psi_has_pat`]).
+fn leading_tables(bytes: &[u8]) -> &[u8] {
+    let n = bytes
+        .chunks_exact(TS_PACKET)
+        .take_while(|p| matches!(ts_pid(p), Some(pid) if !(0x100..0x1000).contains(&pid)))
+        .count();
+    &bytes[..n * TS_PACKET]
 }
 
 /// Whether an H.264 sequence parameter set (NAL type 7) appears in the first media TS packets of
@@ -265,6 +311,35 @@ mod tests {
         let ra_index = out.iter().position(|c| c.flags.contains(Flags::RANDOM_ACCESS) && c.capture_us > 1_000).unwrap();
         assert_eq!(ts_pid(&out[ra_index].payload[..]), Some(0x11));
         assert_eq!(out[ra_index].capture_us, 1_000 + 30 * 33);
+    }
+
+    #[test]
+    fn a_discontinuity_drops_the_stale_tail_and_flags_the_next_chunk() {
+        let mut c = Chunker::new(250_000, true);
+        let mut out = Vec::new();
+        c.push(&keyframe_bytes(), &meta(true, true, 0), &mut out);
+        c.push(&ts(0x100, b"p"), &meta(true, false, 40), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(c.mark_discontinuity(), 5 * TS_PACKET, "the stale tail is dropped");
+        assert!(c.is_empty());
+        assert_eq!(c.mark_discontinuity(), 0);
+        c.push(&keyframe_bytes(), &meta(true, true, 10_000), &mut out);
+        c.push(&ts(0x100, b"p"), &meta(true, false, 10_300), &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].flags.contains(Flags::DISCONTINUITY | Flags::RANDOM_ACCESS), "{:?}", out[0].flags);
+        assert_eq!(out[0].capture_us, 1_000 + 10_000, "nothing from before the stall");
+        c.push(&keyframe_bytes(), &meta(true, true, 11_000), &mut out);
+        c.push(&ts(0x100, b"p"), &meta(true, false, 11_300), &mut out);
+        assert!(!out[1].flags.contains(Flags::DISCONTINUITY), "only the first chunk after the stall");
+        // A keyframe after a stall that the muxer did not precede with tables gets the last ones.
+        c.mark_discontinuity();
+        let bare = ts(0x100, &[0, 0, 0, 1, 9, 0xf0, 0, 0, 0, 1, 0x67, 0x42]);
+        c.push(&bare, &meta(true, true, 20_000), &mut out);
+        c.push(&ts(0x100, b"p"), &meta(true, false, 20_300), &mut out);
+        let resumed = &out[2];
+        assert!(resumed.flags.contains(Flags::DISCONTINUITY | Flags::RANDOM_ACCESS), "{:?}", resumed.flags);
+        assert_eq!(resumed.payload[..3 * TS_PACKET], keyframe_bytes()[..3 * TS_PACKET]);
+        assert_eq!(resumed.payload.len(), 5 * TS_PACKET);
     }
 
     #[test]

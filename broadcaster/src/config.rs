@@ -85,8 +85,14 @@ pub struct Config {
     /// How long opening a URL may take before it counts as not answering. `None` waits forever, which
     /// listeners (`?listen=1`, `mode=listener`, `udp://`) do by default.
     pub open_timeout: Option<Duration>,
-    /// How long a read may block once the input is open before it counts as stalled.
+    /// How long a read may block once the input is open before it counts as a stall. A stall does
+    /// not end the broadcast: it is logged at warn level, the swarm node stays up (viewers see a
+    /// pause), and when data comes back the next chunk starts at a keyframe and is flagged
+    /// discontinuity (with `copy`, input up to the next keyframe is dropped; re-encoding forces one).
     pub stall_timeout: Duration,
+    /// How long a stall may last before the broadcast ends with [`crate::BroadcastError::InputStalled`]
+    /// (after an end-of-stream chunk). `None`: wait for the input as long as it takes.
+    pub stall_give_up: Option<Duration>,
     /// How often stats are logged.
     pub stats_interval: Duration,
 }
@@ -106,7 +112,8 @@ impl Default for Config {
             duration: None,
             first_seq: None,
             open_timeout: Some(Duration::from_secs(10)),
-            stall_timeout: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(2),
+            stall_give_up: Some(Duration::from_secs(120)),
             stats_interval: Duration::from_secs(5),
         }
     }

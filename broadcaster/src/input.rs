@@ -1,6 +1,6 @@
 //! Opening the media source: the built-in test source (an FFmpeg lavfi graph), a file, a URL or a
 //! device, with an interrupt callback that ends blocking reads when the caller asks to stop, when a URL
-//! does not answer within the open timeout, or when an open input stalls.
+//! does not answer within the open timeout, or when a stall of an open input outlasts the give-up time.
 
 use std::ffi::CString;
 use std::sync::Arc;
@@ -13,16 +13,38 @@ use ffmpeg_next as ffmpeg;
 use crate::BroadcastError;
 use crate::config::{Config, Input};
 
-/// The read deadline shared with FFmpeg's interrupt callback: milliseconds since `base`, 0 for none.
+/// The read deadline shared with FFmpeg's interrupt callback, and the stall watch of the current read.
+///
+/// A read that blocks past the stall threshold is a **stall**: the callback logs it (once per stall)
+/// and lets the read go on blocking, so the input is not torn down and the swarm stays up; only the
+/// give-up deadline (or the stop flag) interrupts it. The caller learns afterwards how long the read
+/// blocked ([`Deadline::end_read`]), which also works for inputs opened without the callback.
 #[derive(Debug, Clone)]
 pub(crate) struct Deadline {
     base: Instant,
+    /// Interrupt once past this, ms since `base`; 0: never.
     at_ms: Arc<AtomicU64>,
+    /// When the current read began, ms since `base` + 1; 0: no read in progress.
+    read_since_ms: Arc<AtomicU64>,
+    /// A read blocked this long is a stall, ms; 0: no stall watch.
+    stall_ms: Arc<AtomicU64>,
+    /// Whether the current stall has been logged.
+    warned: Arc<AtomicBool>,
 }
 
 impl Deadline {
     fn new() -> Self {
-        Deadline { base: Instant::now(), at_ms: Arc::new(AtomicU64::new(0)) }
+        Deadline {
+            base: Instant::now(),
+            at_ms: Arc::new(AtomicU64::new(0)),
+            read_since_ms: Arc::new(AtomicU64::new(0)),
+            stall_ms: Arc::new(AtomicU64::new(0)),
+            warned: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
     }
 
     /// Reads from now on must finish within `within` (`None`: no limit).
@@ -31,10 +53,45 @@ impl Deadline {
         self.at_ms.store(at, Ordering::Relaxed);
     }
 
+    /// A read begins: past `stall` it counts as a stall (logged, not interrupted); past `give_up`
+    /// (`None`: never) it is interrupted.
+    pub(crate) fn begin_read(&self, stall: Duration, give_up: Option<Duration>) {
+        self.stall_ms.store(stall.as_millis() as u64, Ordering::Relaxed);
+        self.warned.store(false, Ordering::Relaxed);
+        self.read_since_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+        self.arm(give_up);
+    }
+
+    /// The read ended. Returns how long it blocked if that was a stall.
+    pub(crate) fn end_read(&self) -> Option<Duration> {
+        self.arm(None);
+        let since = self.read_since_ms.swap(0, Ordering::Relaxed);
+        let stall = self.stall_ms.load(Ordering::Relaxed);
+        let blocked = self.now_ms().saturating_sub(since.saturating_sub(1));
+        (since != 0 && stall != 0 && blocked >= stall).then(|| Duration::from_millis(blocked))
+    }
+
     /// Whether the deadline has passed.
     pub(crate) fn expired(&self) -> bool {
         let at = self.at_ms.load(Ordering::Relaxed);
         at != 0 && self.base.elapsed().as_millis() as u64 > at
+    }
+
+    /// What the interrupt callback asks: logs a stall once, and says whether to interrupt.
+    fn poll(&self, input: &str) -> bool {
+        let since = self.read_since_ms.load(Ordering::Relaxed);
+        let stall = self.stall_ms.load(Ordering::Relaxed);
+        if since != 0 && stall != 0 {
+            let blocked = self.now_ms().saturating_sub(since - 1);
+            if blocked >= stall && !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    input,
+                    after_s = blocked as f64 / 1000.0,
+                    "input stalled: no data; the stream stays up and waits for it"
+                );
+            }
+        }
+        self.expired()
     }
 }
 
@@ -173,10 +230,11 @@ fn open_with_format(
     }
     let stop = Arc::clone(stop);
     let watch = deadline.clone();
+    let input = config.input.describe();
     deadline.arm(open_timeout);
     let ctx = format::input_with_interrupt_and_dictionary(
         target,
-        move || stop.load(Ordering::Relaxed) || watch.expired(),
+        move || stop.load(Ordering::Relaxed) || watch.poll(&input),
         options,
     )?;
     deadline.arm(None);

@@ -128,12 +128,12 @@ pub enum BroadcastError {
         /// FFmpeg's error.
         source: ffmpeg::Error,
     },
-    /// No data arrived from the input for the stall timeout.
-    #[error("input {input} stalled: no data for {after:?}")]
+    /// No data arrived from the input for the give-up time ([`Config::stall_give_up`]).
+    #[error("input {input} stalled: no data for {after:?}; giving up")]
     InputStalled {
         /// The input.
         input: String,
-        /// The stall timeout.
+        /// The give-up time.
         after: Duration,
     },
     /// Reading the input failed.
@@ -188,6 +188,8 @@ pub struct Summary {
     pub audio_frames_out: u64,
     /// Input packets skipped as corrupt or undecodable.
     pub skipped_packets: u64,
+    /// Input stalls the broadcast rode out (each resumed at a keyframe, flagged discontinuity).
+    pub stalls: u64,
     /// Media time covered.
     pub media_duration: Duration,
     /// Wall time of the run.

@@ -112,9 +112,16 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     open_timeout: f64,
 
-    /// Seconds without input data before the input counts as stalled.
-    #[arg(long, env = "CROWDSURF_STALL_TIMEOUT", default_value_t = 5.0)]
+    /// Seconds without input data before the input counts as stalled. A stall does not end the
+    /// broadcast: it is logged, the swarm stays up (viewers see a pause), and the stream resumes at a
+    /// keyframe, flagged discontinuity, when data comes back.
+    #[arg(long, env = "CROWDSURF_STALL_TIMEOUT", default_value_t = 2.0)]
     stall_timeout: f64,
+
+    /// Seconds a stall may last before the broadcast ends (with an end-of-stream chunk); 0: wait for
+    /// the input forever.
+    #[arg(long, env = "CROWDSURF_STALL_GIVE_UP", default_value_t = 120.0)]
+    stall_give_up: f64,
 
     /// Seconds between stats lines in the log.
     #[arg(long, default_value_t = 5.0)]
@@ -223,6 +230,10 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         first_seq: args.first_seq,
         open_timeout: Some(seconds("open-timeout", args.open_timeout)?),
         stall_timeout: seconds("stall-timeout", args.stall_timeout)?,
+        stall_give_up: match seconds("stall-give-up", args.stall_give_up)? {
+            d if d.is_zero() => None,
+            d => Some(d),
+        },
         stats_interval: seconds("stats-interval", args.stats_interval)?,
     })
 }
@@ -378,7 +389,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
     let ms = |d: Option<Duration>| d.map_or_else(|| "-".to_string(), |d| format!("{:.1}", d.as_secs_f64() * 1000.0));
     println!(
         "summary: end={:?} chunks={} (random access {}) bytes={} seq={}..{} media={:.2}s wall={:.2}s video_frames={} \
-         audio_frames={} skipped={} delay_ms median={} p90={} max={} encoder_fps={}",
+         audio_frames={} skipped={} stalls={} delay_ms median={} p90={} max={} encoder_fps={}",
         summary.end,
         summary.chunks,
         summary.random_access_chunks,
@@ -390,6 +401,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         summary.video_frames_out,
         summary.audio_frames_out,
         summary.skipped_packets,
+        summary.stalls,
         ms(summary.delay_median),
         ms(summary.delay_p90),
         ms(summary.delay_max),

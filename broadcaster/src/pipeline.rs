@@ -124,6 +124,14 @@ struct Muxer {
 }
 
 impl Muxer {
+    /// After an interruption of the input: the stale part-chunk from before it is dropped, the next
+    /// chunk is flagged discontinuity, and (with video) nothing is written until the next video
+    /// keyframe, so the stream resumes at a random-access point. Returns the bytes dropped.
+    fn resume_at_keyframe(&mut self) -> usize {
+        self.started = false;
+        self.chunker.mark_discontinuity()
+    }
+
     /// Writes one packet whose timestamps are in the output stream's time base, starting at 0.
     fn write(&mut self, packet: &mut Packet, meta: &PacketMeta, tb: Rational) -> Result<(), BroadcastError> {
         if !self.started {
@@ -175,6 +183,8 @@ struct VideoEncode {
     height: u32,
     last_slot: Option<i64>,
     captures: Captures,
+    /// Encode the next frame as a keyframe (the input stalled before it).
+    force_key: bool,
 }
 
 struct AudioEncode {
@@ -337,6 +347,7 @@ fn setup(
                 height: h,
                 last_slot: None,
                 captures: Captures::default(),
+                force_key: false,
             }))
         };
         streams.video = Some((ist.index(), next_out, path));
@@ -425,6 +436,23 @@ impl State<'_> {
             self.signer.emit(cut, &mut self.stats)?;
         }
         Ok(())
+    }
+
+    /// The input came back after a stall of `blocked`: the stream picks up again at a keyframe
+    /// (forced when re-encoding), flagged discontinuity.
+    fn resume_after_stall(&mut self, blocked: Duration) -> Result<(), BroadcastError> {
+        let dropped = self.muxer.resume_at_keyframe();
+        tracing::info!(
+            input = %self.config.input.describe(),
+            stalled_s = blocked.as_secs_f64(),
+            dropped_stale_bytes = dropped,
+            "input back after a stall; resuming at a keyframe, flagged discontinuity"
+        );
+        self.stats.stalls += 1;
+        if let Some((_, _, VideoPath::Encode(enc))) = &mut self.streams.video {
+            enc.force_key = true;
+        }
+        self.flush_cuts()
     }
 
     fn past_limit(&self, t_us: i64) -> bool {
@@ -579,7 +607,9 @@ impl State<'_> {
                 &mut scaled
             };
             input_frame.set_pts(Some(slot));
-            input_frame.set_kind(ffmpeg::picture::Type::None);
+            let kind =
+                if std::mem::take(&mut enc.force_key) { ffmpeg::picture::Type::I } else { ffmpeg::picture::Type::None };
+            input_frame.set_kind(kind);
             enc.captures.push(slot, capture);
             let started = Instant::now();
             if let Err(e) = enc.encoder.send_frame(input_frame) {
@@ -866,6 +896,7 @@ pub(crate) fn run(
         video_frames_out: stats.video_out,
         audio_frames_out: stats.audio_out,
         skipped_packets: stats.skipped,
+        stalls: stats.stalls,
         media_duration: Duration::from_micros(stats.media_us.max(0) as u64),
         wall_time: stats.wall_time(),
         delay_median: percentile(&mut delays, 0.5).map(Duration::from_micros),
@@ -886,6 +917,7 @@ fn read_loop(
 ) -> Result<EndReason, BroadcastError> {
     let input = state.config.input.describe();
     let stall = state.config.stall_timeout;
+    let give_up = state.config.stall_give_up;
     let mut pace_start: Option<(Instant, i64)> = None;
     let mut packet = Packet::empty();
     let mut packets_read = 0u64;
@@ -895,11 +927,17 @@ fn read_loop(
             return Ok(EndReason::Stopped);
         }
         state.stats.maybe_log();
-        deadline.arm(Some(stall));
+        deadline.begin_read(stall, give_up);
         let read = packet.read(ctx);
-        deadline.arm(None);
+        let stalled = deadline.end_read();
         match read {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(blocked) = stalled {
+                    state.resume_after_stall(blocked)?;
+                    // A paced file does not rush to catch up with the wall clock after a stall.
+                    pace_start = None;
+                }
+            }
             Err(ffmpeg::Error::Eof) => {
                 if looped && state.clock.end_us > state.clock.loop_offset_us {
                     state.restart_decoders()?;
@@ -916,7 +954,11 @@ fn read_loop(
                 continue;
             }
             Err(ffmpeg::Error::Exit) if stop.load(Ordering::Relaxed) => return Ok(EndReason::Stopped),
-            Err(ffmpeg::Error::Exit) => return Err(BroadcastError::InputStalled { input, after: stall }),
+            Err(ffmpeg::Error::Exit) => {
+                let after = give_up.unwrap_or(stall);
+                tracing::warn!(input = %input, after_s = after.as_secs_f64(), "input stalled too long; ending the stream");
+                return Err(BroadcastError::InputStalled { input, after });
+            }
             // A network sender that hangs up (SRT, RTMP) shows as an I/O error: that is the input ending.
             Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::util::error::EIO && packets_read > 0 => {
                 tracing::warn!(input = %input, "input connection closed");

@@ -362,7 +362,7 @@ fn unreachable_silent_and_stalling_urls_are_clear_errors() {
     assert!(started.elapsed() < Duration::from_secs(3));
     drop(held);
 
-    // Sends a whole (short) TS and then nothing, connection open: the input stalls.
+    // Sends a whole (short) TS and then nothing, connection open: the input stalls, past the give-up time.
     let dir = tempfile::tempdir().unwrap();
     let ts = std::fs::read(h264_aac_file(dir.path(), "s.ts", "1")).unwrap();
     let feeder = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -373,7 +373,8 @@ fn unreachable_silent_and_stalling_urls_are_clear_errors() {
         std::thread::sleep(Duration::from_secs(4));
     });
     let config = Config {
-        stall_timeout: Duration::from_millis(700),
+        stall_timeout: Duration::from_millis(300),
+        stall_give_up: Some(Duration::from_millis(700)),
         open_timeout: Some(Duration::from_secs(3)),
         ..small(Input::Url(url), 0.0)
     };
@@ -393,6 +394,48 @@ fn unreachable_silent_and_stalling_urls_are_clear_errors() {
     assert!(!chunks.is_empty(), "what arrived before the stall was broadcast");
     assert!(chunks.last().unwrap().header().flags.contains(Flags::END_OF_STREAM));
     drop(feeding);
+}
+
+/// The sender pauses for 1.5 s in the middle of a TS (as a stuck encoder or a network hiccup would):
+/// the broadcast does not end; the chunk in progress goes out, the stream resumes at a keyframe the
+/// encoder is made to produce, flagged discontinuity, and goes on to the end of the input.
+#[test]
+fn a_stalled_input_pauses_the_stream_and_resumes_at_a_keyframe() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = std::fs::read(h264_aac_file(dir.path(), "p.ts", "5")).unwrap();
+    // 60 % before the pause (enough for the demuxer's probing to finish), the rest after it.
+    let split = ts.len() * 3 / 5 / 188 * 188;
+    let feeder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp://127.0.0.1:{}", feeder.local_addr().unwrap().port());
+    let pause = Duration::from_millis(1500);
+    let feeding = std::thread::spawn(move || {
+        let (mut s, _) = feeder.accept().unwrap();
+        s.write_all(&ts[..split]).unwrap();
+        std::thread::sleep(pause);
+        s.write_all(&ts[split..]).unwrap();
+    });
+    let config = Config {
+        stall_timeout: Duration::from_millis(400),
+        stall_give_up: Some(Duration::from_secs(10)),
+        open_timeout: Some(Duration::from_secs(5)),
+        ..small(Input::Url(url), 0.0)
+    };
+    let (summary, chunks) = broadcast(&config).unwrap();
+    feeding.join().unwrap();
+    assert_eq!(summary.end, EndReason::InputEnded);
+    assert_eq!(summary.stalls, 1, "{summary:?}");
+    let marked: Vec<usize> =
+        (0..chunks.len()).filter(|&i| chunks[i].header().flags.contains(Flags::DISCONTINUITY)).collect();
+    assert_eq!(marked.len(), 1, "exactly one chunk is flagged discontinuity: {marked:?}");
+    let resumed = &chunks[marked[0]];
+    assert!(resumed.header().is_random_access(), "the stream resumes at a random-access chunk");
+    let gap = resumed.header().capture_us - chunks[marked[0] - 1].header().capture_us;
+    assert!(gap >= 1_000_000, "the chunk after the pause was captured only {gap} µs after the one before it");
+    // Consecutive numbers, end of stream at the end, every random-access chunk (the resumed one
+    // too) decodes on its own.
+    check_chunks(&chunks, dir.path());
+    let after: f64 = chunks[marked[0]..].iter().map(|c| f64::from(c.header().duration_us)).sum::<f64>() / 1e6;
+    assert!(after > 1.0, "only {after:.2} s of media after the pause");
 }
 
 #[test]
