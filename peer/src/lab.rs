@@ -163,15 +163,6 @@ impl LabConfig {
 /// The link's bottleneck over the chunk upload level: QUIC and UDP headers, control, acknowledgements.
 const LINK_HEADROOM: f64 = 1.1;
 
-/// The push budget the simulator gives a node of this upload (see `proto::swarm::sim`): each
-/// (child, substream) slot costs bitrate / K, 80 % of the upload is spent on pushes, at most twice the
-/// default.
-fn push_slots(config: &crowdsurf_proto::swarm::Config, upload_bps: u64, bitrate_bps: u64) -> usize {
-    let per_slot = bitrate_bps as f64 / f64::from(config.substreams.max(1));
-    let slots = (upload_bps as f64 * 0.8 / per_slot).floor() as usize;
-    slots.min(config.push_slots.max(1) * 2)
-}
-
 /// Runs the lab to the end and returns its report.
 pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -216,7 +207,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         });
         if let Some(bps) = upload_bps {
             c.endpoint.max_upload_bytes_per_sec = Some((bps / 8).max(1));
-            c.swarm.push_slots = push_slots(&c.swarm, bps, cfg.bitrate_bps);
+            c.swarm.push_slots = c.swarm.push_slots_for_upload(bps, cfg.bitrate_bps);
         }
         c.endpoint.link = cfg.link(upload_bps, cfg.seed ^ next_key.wrapping_mul(0x9E37_79B9));
         let upload_bps = upload_bps.or(cfg.max_upload.map(|b| b * 8));

@@ -339,7 +339,25 @@ pub enum Message {
         /// How uncertain that estimate is (half the round trips along the path), µs; u64::MAX if unknown.
         origin_offset_error_us: u64,
     },
+    /// The sender's place in each substream's push tree, one entry per substream (at most
+    /// [`MAX_SUBSTREAMS`]): sent after the hello and whenever it changes. Children pick parents with
+    /// spare room and a short path to the origin, and never one whose depth could make a loop.
+    Tree(Vec<TreePlace>),
 }
+
+/// Where the sender stands in one substream's push tree (see [`Message::Tree`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TreePlace {
+    /// Hops from the origin along parents: 0 for the origin, [`NO_DEPTH`] when not connected to it.
+    pub depth: u8,
+    /// Children the sender pushes this substream to.
+    pub children: u8,
+    /// More children it would take in this substream now.
+    pub spare: u8,
+}
+
+/// [`TreePlace::depth`] of a node with no path of parents to the origin.
+pub const NO_DEPTH: u8 = u8::MAX;
 
 impl Message {
     fn type_byte(&self) -> u8 {
@@ -355,6 +373,7 @@ impl Message {
             Message::Goodbye { .. } => 9,
             Message::Ping { .. } => 10,
             Message::Pong { .. } => 11,
+            Message::Tree(_) => 12,
         }
     }
 
@@ -404,6 +423,15 @@ impl Message {
                 buf.put_u64(*reply_us);
                 buf.put_i64(*origin_offset_us);
                 buf.put_u64(*origin_offset_error_us);
+            }
+            Message::Tree(places) => {
+                let n = places.len().min(usize::from(MAX_SUBSTREAMS));
+                buf.put_u8(n as u8);
+                for p in &places[..n] {
+                    buf.put_u8(p.depth);
+                    buf.put_u8(p.children);
+                    buf.put_u8(p.spare);
+                }
             }
         }
     }
@@ -465,6 +493,18 @@ impl Message {
                 origin_offset_us: get_u64(buf)? as i64,
                 origin_offset_error_us: get_u64(buf)?,
             },
+            12 => {
+                let n = usize::from(get_u8(buf)?);
+                if n > usize::from(MAX_SUBSTREAMS) {
+                    return Err(DecodeError::TooLong { what: "tree", len: n as u64, max: u64::from(MAX_SUBSTREAMS) });
+                }
+                need(buf, n * 3)?;
+                Message::Tree(
+                    (0..n)
+                        .map(|_| TreePlace { depth: buf.get_u8(), children: buf.get_u8(), spare: buf.get_u8() })
+                        .collect(),
+                )
+            }
             other => return Err(DecodeError::UnknownType(other)),
         })
     }
@@ -625,6 +665,15 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<u64>(), any::<i64>(), any::<u64>()).prop_map(|(a, b, c, d, e)| {
                 Message::Pong { nonce: a, ping_sent_us: b, reply_us: c, origin_offset_us: d, origin_offset_error_us: e }
             }),
+            proptest::collection::vec(
+                (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(depth, children, spare)| TreePlace {
+                    depth,
+                    children,
+                    spare
+                }),
+                0..=usize::from(MAX_SUBSTREAMS)
+            )
+            .prop_map(Message::Tree),
         ]
     }
 

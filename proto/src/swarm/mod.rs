@@ -17,9 +17,13 @@
 //!
 //! - **Push trees.** The stream is split into `K` substreams (`seq % K`). For each substream a node picks
 //!   one neighbour as its *parent* and sends it `Subscribe`; the parent pushes every chunk of that
-//!   substream the moment it has verified it. Parents are chosen by how early their `Have`
-//!   announcements arrive (a moving average of their lag behind the first news of each chunk), so
-//!   nodes near the source become parents; a parent that lags or refuses is replaced. A node accepts at
+//!   substream the moment it has verified it. Every node tells its neighbours, in `Tree`, its depth
+//!   in each substream's tree and how many more children it would take; a node subscribes to a
+//!   neighbour with room, the shallowest first, then the one whose `Have` announcements arrive
+//!   earliest (a moving average of their lag behind the first news of each chunk). A feasibility
+//!   bound on the parent's depth keeps the trees free of loops (see `docs/protocol.md`). A parent
+//!   that lags, refuses or loses its own path to the origin is replaced. Children that relay are
+//!   pushed to first. A node accepts at
 //!   most [`Config::push_slots`] child subscriptions (its upload budget in substreams); the origin only
 //!   [`Config::origin_fanout`] per substream, which keeps its upload a small constant multiple of the
 //!   bitrate however large the audience.
@@ -82,7 +86,7 @@ use std::net::SocketAddr;
 use crate::chunk::Verified;
 use crate::keys::{NodeId, StreamId};
 use crate::window::{Insert, Window};
-use crate::wire::{GoodbyeReason, Hello, MAX_PEERS, MAX_REQUEST, Message, NodeAddr, Role};
+use crate::wire::{GoodbyeReason, Hello, MAX_PEERS, MAX_REQUEST, Message, NO_DEPTH, NodeAddr, Role, TreePlace};
 pub use neighbour::{ConnId, NeighbourStats};
 use neighbour::{Neighbour, TokenBucket};
 
@@ -146,6 +150,30 @@ pub struct Config {
     /// On the origin: first-tier slots one node may hold (more only in a substream nobody else
     /// takes), so the first tier spans several nodes.
     pub origin_slots_per_node: usize,
+    /// On the origin: its chunk upload stays within this multiple of the stream it has published,
+    /// first-tier pushes included. Repair answers come out of what the first tier leaves unused
+    /// (slots not yet taken, rotations), so the broadcaster's upload stays flat; the one exception
+    /// is a rescue copy (`origin_free_repairs`) of a chunk its first tier failed to spread.
+    pub origin_max_upload: f64,
+}
+
+impl Config {
+    /// The push budget (`push_slots`) for a node whose uplink carries `upload_bps` of a stream of
+    /// `bitrate_bps`: each (child, substream) slot costs bitrate / K and 80 % of the upload goes to
+    /// pushes, at most twice the default budget. A node that cannot upload the whole stream once
+    /// takes no children at all: every chunk it pushed would spend longer on its uplink than the
+    /// chunk lasts, and everyone below it would fall behind; it still relays by answering requests.
+    pub fn push_slots_for_upload(&self, upload_bps: u64, bitrate_bps: u64) -> usize {
+        if bitrate_bps == 0 {
+            return self.push_slots;
+        }
+        if upload_bps < bitrate_bps {
+            return 0;
+        }
+        let per_slot = bitrate_bps as f64 / f64::from(self.substreams.max(1));
+        let slots = (upload_bps as f64 * 0.8 / per_slot).floor() as usize;
+        slots.min(self.push_slots.max(1) * 2)
+    }
 }
 
 impl Default for Config {
@@ -174,6 +202,7 @@ impl Default for Config {
             origin_free_repairs: 1,
             origin_rotate_demand: 4,
             origin_slots_per_node: 4,
+            origin_max_upload: 2.0,
         }
     }
 }
@@ -348,6 +377,19 @@ pub struct Swarm {
     tier_open: Vec<bool>,
     /// On the origin, per substream: since when it has had no first-tier child.
     tier_empty_since: Vec<Option<Time>>,
+    /// Our place in each substream's tree as last told to the neighbours, and when.
+    tree_sent: Vec<TreePlace>,
+    tree_sent_at: Time,
+    /// Per substream: the feasibility bound — the least depth we have had since we last had no
+    /// children there. A new parent must be no deeper than this, which no descendant of ours can be,
+    /// so a parent switch never closes a loop (the feasibility condition of Babel and DUAL).
+    feasible: Vec<u8>,
+    /// Per substream: since when we have had children there but no parent we may take.
+    stranded_since: Vec<Option<Time>>,
+    /// Per substream: since when our parent has had no path to the origin itself.
+    parent_cut_since: Vec<Option<Time>>,
+    /// On the origin: payload bytes published.
+    published_bytes: u64,
     /// Chunk streams handed to the driver and not yet reported sent.
     uploads_in_flight: usize,
     counters: Counters,
@@ -391,6 +433,12 @@ impl Swarm {
             tier_rotated_at: vec![0; k],
             tier_open: vec![false; k],
             tier_empty_since: vec![None; k],
+            tree_sent: Vec::new(),
+            tree_sent_at: 0,
+            feasible: vec![NO_DEPTH; k],
+            stranded_since: vec![None; k],
+            parent_cut_since: vec![None; k],
+            published_bytes: 0,
             uploads_in_flight: 0,
             counters: Counters::default(),
             outputs: VecDeque::new(),
@@ -626,6 +674,12 @@ impl Swarm {
             Message::Pong { ping_sent_us, reply_us, origin_offset_us, origin_offset_error_us, .. } => {
                 self.on_pong(now, conn, ping_sent_us, reply_us, origin_offset_us, origin_offset_error_us)
             }
+            Message::Tree(mut places) => {
+                places.truncate(usize::from(self.config.substreams));
+                if let Some(n) = self.neighbours.get_mut(&conn) {
+                    n.tree = places;
+                }
+            }
         }
     }
 
@@ -673,6 +727,7 @@ impl Swarm {
     /// On the origin: a new chunk, signed by the stream key. Pushes it to the first tier.
     pub fn publish(&mut self, now: Time, chunk: Verified) {
         self.counters.published += 1;
+        self.published_bytes += chunk.payload().len() as u64;
         self.first_news.entry(chunk.seq()).or_insert(now);
         self.store(now, chunk, Path::Local, None);
     }
@@ -692,6 +747,7 @@ impl Swarm {
             self.rotate_tier(now);
         }
         self.maintain_membership(now);
+        self.advertise_tree(now);
         if now >= self.next_ping {
             self.next_ping = now + 2_000_000;
             for conn in self.ready_neighbours() {
@@ -810,11 +866,14 @@ impl Swarm {
         for seq in hello.have.iter() {
             self.on_have(now, conn, seq);
         }
-        // Peer exchange right away, so a newcomer learns the swarm quickly.
+        // Peer exchange right away, so a newcomer learns the swarm quickly; and where we stand in the
+        // trees, so it can choose parents.
         let peers = self.sample_peers(conn, 16);
         if !peers.is_empty() {
             self.send(conn, Message::Peers(peers));
         }
+        let places = self.tree_places();
+        self.send(conn, Message::Tree(places));
         self.next_tick = Some(now);
     }
 
@@ -902,13 +961,17 @@ impl Swarm {
                 // Demand for a chunk that has been out for a while means its substream's first
                 // tier is not spreading it: serve a copy anyway, and note who asked.
                 let old = self.first_news.get(&seq).is_some_and(|&t| now >= t + OLD_AT_ORIGIN_US);
+                let over_budget = self.origin_over_budget(chunk.payload().len());
                 let copies = self.origin_repaired.entry(seq).or_insert(0);
                 let free = spare || (old && *copies < self.config.origin_free_repairs);
                 if old {
                     let s = (seq % u64::from(self.config.substreams)) as usize;
                     self.tier_demand[s].push_back((now, conn, seq));
                 }
-                if !free && !self.origin_repair.take(now, 1.0) {
+                // A rescue copy of a chunk its first tier evidently failed to spread is served even
+                // beyond the budget: without it a first tier of free riders would starve the swarm.
+                let rescue = old && *copies < self.config.origin_free_repairs;
+                if over_budget && !rescue || !free && !self.origin_repair.take(now, 1.0) {
                     // Declined. For a chunk that should long have spread, say so, so the requester
                     // asks elsewhere at once; a young one is likely on its way by push (an early
                     // answer would only make it pull a duplicate elsewhere).
@@ -930,6 +993,17 @@ impl Swarm {
             let priority = urgency(newest, chunk.seq()) + 1;
             self.send_chunk(conn, chunk, priority);
         }
+    }
+
+    /// On the origin: whether sending `bytes` more would take its upload beyond
+    /// [`Config::origin_max_upload`] times what it has published, give or take a burst of
+    /// [`ORIGIN_BURST_CHUNKS`] chunks (so a swarm forming around a fresh stream can be helped before
+    /// the average has built up).
+    fn origin_over_budget(&self, bytes: usize) -> bool {
+        let published = self.counters.published.max(1);
+        let burst = ORIGIN_BURST_CHUNKS * self.published_bytes / published;
+        let budget = self.config.origin_max_upload * self.published_bytes as f64 + burst as f64;
+        (self.counters.chunk_bytes_up + bytes as u64) as f64 > budget
     }
 
     /// Stops pushing anything to `conn`, telling it so.
@@ -1004,6 +1078,10 @@ impl Swarm {
             .map(|(_, c)| c.clone())
             .collect();
         for chunk in backlog {
+            if self.config.role == Role::Origin && self.origin_over_budget(chunk.payload().len()) {
+                // The origin's upload stays within its budget; the child can pull the rest elsewhere.
+                break;
+            }
             let p = urgency(newest, chunk.seq());
             self.send_chunk(conn, chunk, p);
         }
@@ -1131,6 +1209,13 @@ impl Swarm {
             }
             self.send(conn, Message::Have { seq });
         }
+        // Children that relay go first: the chunk reaches their subtrees a whole transmission
+        // earlier, and leaves lose only that one transmission (as in a binomial broadcast tree).
+        children.sort_by_key(|c| {
+            std::cmp::Reverse(
+                self.neighbours.get(c).and_then(|n| n.tree_place(usize::from(substream))).map_or(0, |p| p.children),
+            )
+        });
         for conn in children {
             if self.neighbours.get(&conn).is_some_and(|n| n.uploads >= STUCK_UPLOADS) {
                 // A child that does not take what we send (a slow or hostile reader) would tie up our
@@ -1476,16 +1561,86 @@ impl Swarm {
         true
     }
 
+    /// Our depth in substream `s`: one more than our parent's, 0 on the origin, [`NO_DEPTH`] with no
+    /// path of parents to the origin.
+    fn depth(&self, s: usize) -> u8 {
+        if self.config.role == Role::Origin {
+            return 0;
+        }
+        let parent = self.parents[s].and_then(|p| self.neighbours.get(&p)).and_then(|n| n.tree_place(s));
+        match parent {
+            Some(p) if p.depth < NO_DEPTH - 1 => p.depth + 1,
+            _ => NO_DEPTH,
+        }
+    }
+
+    /// More children we would take in substream `s` now (the rules of `on_subscribe`).
+    fn spare(&self, s: usize) -> u8 {
+        let s16 = s as u16;
+        let taken_here = self.neighbours.values().filter(|n| n.child_of.contains(&s16)).count();
+        let spare = if self.config.role == Role::Origin {
+            let free = self.config.origin_fanout.saturating_sub(taken_here);
+            if free == 0 && self.tier_open[s] { 1 } else { free }
+        } else {
+            let per_substream = self.config.push_slots / usize::from(self.config.substreams) + 1;
+            if self.config.push_slots == 0 {
+                0
+            } else {
+                self.config.push_slots.saturating_sub(self.children()).min(per_substream.saturating_sub(taken_here))
+            }
+        };
+        spare.min(usize::from(u8::MAX)) as u8
+    }
+
+    fn tree_places(&self) -> Vec<TreePlace> {
+        (0..self.parents.len())
+            .map(|s| {
+                let s16 = s as u16;
+                let children = self.neighbours.values().filter(|n| n.child_of.contains(&s16)).count();
+                TreePlace { depth: self.depth(s), children: children.min(255) as u8, spare: self.spare(s) }
+            })
+            .collect()
+    }
+
+    /// Tells the neighbours where we stand in the trees when that has changed (at most every
+    /// [`TREE_INTERVAL_US`]).
+    fn advertise_tree(&mut self, now: Time) {
+        if now < self.tree_sent_at + TREE_INTERVAL_US {
+            return;
+        }
+        let places = self.tree_places();
+        if places == self.tree_sent {
+            return;
+        }
+        self.tree_sent_at = now;
+        self.tree_sent = places.clone();
+        for conn in self.ready_neighbours() {
+            self.send(conn, Message::Tree(places.clone()));
+        }
+    }
+
     /// Picks or replaces the parent of each substream.
     ///
-    /// Candidates are ranked by how early their news arrives (a proxy for their depth in the tree).
-    /// The current parent is judged by when its pushes land, which adds the wait on its uplink; it is
-    /// replaced when it keeps missing pushes, or, after a minimum dwell, when a candidate's news is
-    /// clearly earlier than the parent's pushes.
+    /// Candidates are neighbours with room for another child there (they say so in `Tree`) and a
+    /// path to the origin no longer than our feasibility bound (so the new edge cannot close a loop),
+    /// ranked by depth, then by how early their news arrives. The current parent is judged by when
+    /// its pushes land, which adds the wait on its uplink; it is replaced when it keeps missing
+    /// pushes or loses its own path to the origin, or, after a minimum dwell, when a candidate is
+    /// clearly shallower or its news clearly earlier than the parent's pushes. A node that has
+    /// children but has found no parent it may take for a while releases them, so they re-attach
+    /// elsewhere.
     fn choose_parents(&mut self, now: Time) {
         let k = self.parents.len();
         for s in 0..k {
             self.refused[s].retain(|_, until| *until > now);
+            let s16 = s as u16;
+            let has_children = self.neighbours.values().any(|n| n.child_of.contains(&s16));
+            let depth = self.depth(s);
+            if !has_children {
+                self.feasible[s] = NO_DEPTH;
+            } else if depth != NO_DEPTH {
+                self.feasible[s] = self.feasible[s].min(depth);
+            }
             if let Some(p) = self.parents[s]
                 && (self.parent_misses[s] >= self.config.parent_max_misses
                     || self.neighbours.get(&p).is_none_or(|n| !n.trusted(now)))
@@ -1504,11 +1659,13 @@ impl Swarm {
                     self.parents[s] = Some(c);
                     self.parent_since[s] = now;
                     self.parent_misses[s] = 0;
+                    self.parent_cut_since[s] = None;
                     continue;
                 } else {
                     continue;
                 }
             }
+            let bound = self.feasible[s];
             let best = self
                 .neighbours
                 .iter()
@@ -1516,20 +1673,48 @@ impl Swarm {
                     n.hello_done()
                         && n.trusted(now)
                         && Some(**c) != self.parents[s]
-                        && !n.child_of.contains(&(s as u16))
+                        && !n.child_of.contains(&s16)
                         && !self.refused[s].contains_key(c)
                 })
-                .map(|(c, n)| (n.lag_score(s), *c))
+                .filter_map(|(c, n)| {
+                    let place = n.tree_place(s)?;
+                    let feasible = place.depth != NO_DEPTH && (bound == NO_DEPTH || place.depth <= bound);
+                    (feasible && place.spare > 0).then(|| ((place.depth, n.lag_score(s), *c), *c))
+                })
                 .min();
-            let Some((best_score, best)) = best else { continue };
+            let Some(((best_depth, best_score, _), best)) = best else {
+                if self.parents[s].is_none() && has_children {
+                    // Stranded: nobody we may take as a parent. After a while let the children go,
+                    // which lifts our bound (and theirs) so everyone can re-attach.
+                    let since = *self.stranded_since[s].get_or_insert(now);
+                    if now >= since + STRANDED_US {
+                        self.stranded_since[s] = None;
+                        self.release_children(s16);
+                    }
+                }
+                continue;
+            };
+            self.stranded_since[s] = None;
             // Ask only for what playback still needs; a node that has not started asks from the edge.
             let from_seq = self.cursor.or(self.live_edge).unwrap_or(u64::MAX).max(self.chunks.base());
-            let subscribe = Message::Subscribe { substream: s as u16, substreams: self.config.substreams, from_seq };
+            let subscribe = Message::Subscribe { substream: s16, substreams: self.config.substreams, from_seq };
             if let Some(p) = self.parents[s] {
                 let Some(n) = self.neighbours.get(&p) else { continue };
+                let parent_depth = n.tree_place(s).map_or(NO_DEPTH, |t| t.depth);
                 let score = n.push_lag(s).unwrap_or(0).max(n.lag_score(s));
                 let settled = now >= self.parent_since[s] + self.config.parent_min_dwell_us;
-                if !settled || score <= best_score.saturating_add(self.config.parent_switch_margin_us) {
+                // A parent that lost its own parent usually finds another within a round trip or
+                // two: give it a moment before the whole subtree moves.
+                let cut_off = if parent_depth == NO_DEPTH {
+                    now >= *self.parent_cut_since[s].get_or_insert(now) + PARENT_CUT_PATIENCE_US
+                } else {
+                    self.parent_cut_since[s] = None;
+                    false
+                };
+                let shallower = u16::from(best_depth) + 1 < u16::from(parent_depth);
+                let earlier = best_depth <= parent_depth
+                    && score > best_score.saturating_add(self.config.parent_switch_margin_us);
+                if !(cut_off || settled && (shallower || earlier)) {
                     continue;
                 }
                 // Make before break: keep the working parent until the new one has not refused
@@ -1542,7 +1727,21 @@ impl Swarm {
             self.parents[s] = Some(best);
             self.parent_since[s] = now;
             self.parent_misses[s] = 0;
+            self.parent_cut_since[s] = None;
             self.send(best, subscribe);
+        }
+    }
+
+    /// Stops pushing substream `s` to all our children there, telling them so.
+    fn release_children(&mut self, s: u16) {
+        let children: Vec<ConnId> =
+            self.neighbours.iter().filter(|(_, n)| n.child_of.contains(&s)).map(|(c, _)| *c).collect();
+        for conn in children {
+            if let Some(n) = self.neighbours.get_mut(&conn) {
+                n.child_of.remove(&s);
+                n.child_since.remove(&s);
+            }
+            self.send(conn, Message::Unsubscribe { substream: s });
         }
     }
 
@@ -1603,6 +1802,18 @@ impl Swarm {
         }
     }
 }
+
+/// On the origin: chunks it may send beyond its upload budget in a burst.
+const ORIGIN_BURST_CHUNKS: u64 = 4;
+
+/// Least time between two `Tree` announcements of ours, µs.
+const TREE_INTERVAL_US: Time = 100_000;
+
+/// How long a parent may have no path to the origin before its children look elsewhere, µs.
+const PARENT_CUT_PATIENCE_US: Time = 1_000_000;
+
+/// How long a node with children may go without a parent it may take before it releases them, µs.
+const STRANDED_US: Time = 2_000_000;
 
 /// On the origin: a chunk requested this long after publishing should have come through the tree, µs.
 const OLD_AT_ORIGIN_US: u64 = 400_000;

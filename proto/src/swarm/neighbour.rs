@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use super::Time;
 use crate::keys::NodeId;
 use crate::window::Window;
-use crate::wire::Role;
+use crate::wire::{Role, TreePlace};
 
 /// A connection, numbered by the driver. Never reused while the node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -104,6 +104,8 @@ pub(crate) struct Neighbour {
     pub(crate) distrusted_until: Time,
     /// Budget for its requests to us.
     pub(crate) requests_in: TokenBucket,
+    /// Its place in each substream's push tree, as it last told us (empty until it has).
+    pub(crate) tree: Vec<TreePlace>,
     pub(crate) stats: NeighbourStats,
 }
 
@@ -132,6 +134,7 @@ impl Neighbour {
             distrusted_until: 0,
             // An honest node asks for at most a window's worth at once, then a few chunks a second.
             requests_in: TokenBucket::new(32.0, (window * 2) as f64),
+            tree: Vec::new(),
             stats: NeighbourStats::default(),
         }
     }
@@ -178,6 +181,15 @@ impl Neighbour {
         if let Some(l) = self.push_lag.get_mut(substream) {
             *l = None;
         }
+    }
+
+    /// Its place in substream `s`'s tree, if it has told us.
+    pub(crate) fn tree_place(&self, substream: usize) -> Option<TreePlace> {
+        if self.role == Role::Origin {
+            // The origin is the root whatever it says.
+            return self.tree.get(substream).map(|p| TreePlace { depth: 0, ..*p });
+        }
+        self.tree.get(substream).copied()
     }
 
     /// Lower is a better parent: its measured lag, or for an unmeasured neighbour a middling guess

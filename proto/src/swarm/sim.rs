@@ -167,6 +167,8 @@ pub struct SimResult {
     pub origin_id: String,
     /// Virtual time at the start, µs (subtract from event times).
     pub start_us: Time,
+    /// (node, substream) pairs at the end whose chain of parents loops back on itself (must be zero).
+    pub parent_loops: u64,
 }
 
 enum Payload {
@@ -346,10 +348,7 @@ impl Sim {
         config.seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
         config.listen = vec![sim_addr(i)];
         if i != 0 {
-            // Push budget from upload: each (child, substream) costs bitrate / K.
-            let per_slot = self.cfg.bitrate_bps as f64 / f64::from(config.substreams.max(1));
-            let slots = (self.nodes[i].upload_bps as f64 * 0.8 / per_slot).floor() as usize;
-            config.push_slots = slots.min(config.push_slots.max(1) * 2);
+            config.push_slots = config.push_slots_for_upload(self.nodes[i].upload_bps, self.cfg.bitrate_bps);
         }
         let mut swarm = Swarm::new(config, self.stream_key.id(), self.nodes[i].key.id());
         if i != 0 {
@@ -674,6 +673,32 @@ impl Sim {
         None
     }
 
+    /// Counts (node, substream) pairs whose chain of parents comes back to a node already on it.
+    fn parent_loops(&self) -> u64 {
+        let k = usize::from(self.cfg.swarm.substreams.max(1));
+        let mut loops = 0;
+        for i in 1..self.nodes.len() {
+            for s in 0..k {
+                let mut seen = std::collections::HashSet::new();
+                let mut at = i;
+                while at != 0 && seen.insert(at) {
+                    let parent = self.nodes[at].swarm.as_ref().and_then(|sw| sw.parents().get(s).copied().flatten());
+                    match parent.and_then(|p| self.by_id.get(&p)) {
+                        Some(&p) => at = p,
+                        None => break,
+                    }
+                }
+                if at != 0 && seen.contains(&at) && self.nodes[at].swarm.is_some() {
+                    let parent = self.nodes[at].swarm.as_ref().and_then(|sw| sw.parents().get(s).copied().flatten());
+                    if parent.and_then(|p| self.by_id.get(&p)).is_some_and(|p| seen.contains(p)) {
+                        loops += 1;
+                    }
+                }
+            }
+        }
+        loops
+    }
+
     fn finish(mut self) -> SimResult {
         for i in 0..self.nodes.len() {
             if let Some(s) = self.nodes[i].swarm.take() {
@@ -688,6 +713,7 @@ impl Sim {
             let depth = self.depth_of(i);
             self.results[i - 1].depth = depth;
         }
+        self.out.parent_loops = self.parent_loops();
         self.out.nodes = std::mem::take(&mut self.results);
         self.out.origin_id = self.nodes[0].key.id().fmt_short();
         self.out
