@@ -142,6 +142,64 @@ impl Adversary {
     pub fn close(&self) {
         self.endpoint.close();
     }
+
+    /// Leaves politely: a goodbye (`Leaving`), then the connection and endpoint close.
+    pub async fn leave(mut self) {
+        let _ = self
+            .send
+            .send(&Message::Goodbye { reason: GoodbyeReason::Leaving, peers: vec![], message: "bye".into() })
+            .await;
+        let _ = self.send.finish();
+        self.conn.close(GoodbyeReason::Leaving, "bye");
+        self.endpoint.close();
+    }
+
+    /// The free-riding liar: for `how_long`, claims every chunk the moment it is published (it
+    /// reads `edge`, as if it had a direct line to the broadcaster) so it looks like the best
+    /// parent there is, and never sends a byte of chunk data: requests and subscriptions are read
+    /// and ignored. Returns what the target did to it.
+    pub async fn lie_and_free_ride(&mut self, edge: &std::sync::atomic::AtomicU64, how_long: Duration) -> FreeRide {
+        let mut ride = FreeRide::default();
+        let end = tokio::time::Instant::now() + how_long;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut claimed = 0u64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(end) => break,
+                _ = tick.tick() => {
+                    let now = edge.load(std::sync::atomic::Ordering::Relaxed);
+                    if now > claimed {
+                        claimed = now;
+                        if self.send.send(&Message::Have { seq: now }).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                message = self.recv.recv() => match message {
+                    Ok(Some(Message::Subscribe { .. })) => ride.subscribed += 1,
+                    Ok(Some(Message::Request { seqs })) => ride.requested += seqs.len(),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                },
+            }
+        }
+        ride.closed = match tokio::time::timeout(Duration::from_millis(1), self.conn.closed()).await {
+            Ok(NetError::ClosedByPeer { reason, .. }) => reason,
+            _ => None,
+        };
+        ride
+    }
+}
+
+/// What a target did to a free-riding liar ([`Adversary::lie_and_free_ride`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FreeRide {
+    /// Subscribe messages received: the target picked it as a parent this many times.
+    pub subscribed: usize,
+    /// Chunks it was asked for (and never sent).
+    pub requested: usize,
+    /// The goodbye reason, if the target closed the connection.
+    pub closed: Option<GoodbyeReason>,
 }
 
 /// Reads one genuine chunk from `target` by asking for it (so bit-flip forgeries start from a real

@@ -8,12 +8,13 @@ pub mod adversary;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use crowdsurf_peer::source::SyntheticSource;
 use crowdsurf_peer::{Delivery, Node, NodeConfig, NodeHandle};
+use crowdsurf_proto::chunk::Verified;
 use crowdsurf_proto::wire::{NodeAddr, Role};
 use crowdsurf_proto::{NodeKey, StreamKey};
 use tokio::task::{AbortHandle, JoinSet};
@@ -35,7 +36,8 @@ pub struct Tally {
     pub delivered: Vec<u64>,
     /// Sequence numbers skipped.
     pub skipped: Vec<u64>,
-    /// Delivered chunks whose payload differs from the origin's (must stay zero).
+    /// Delivered chunks that differ from the origin's in any byte: header, signature or payload
+    /// (must stay zero).
     pub forged: u64,
 }
 
@@ -67,7 +69,8 @@ pub struct Swarm {
     pub relays: Vec<Relay>,
     /// The origin's address, for bootstrapping.
     pub boot: NodeAddr,
-    published: Arc<Mutex<HashMap<u64, Bytes>>>,
+    published: Arc<Mutex<HashMap<u64, Verified>>>,
+    edge: Arc<AtomicU64>,
     source: SyntheticSource,
     tick: tokio::time::Interval,
     last: u64,
@@ -95,6 +98,7 @@ impl Swarm {
             relays: Vec::new(),
             boot,
             published: Default::default(),
+            edge: Arc::new(AtomicU64::new(0)),
             tick: {
                 // A live source never catches up in a burst after a pause: it just goes on.
                 let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -112,12 +116,18 @@ impl Swarm {
 
     /// Adds an honest relay with a key derived from `seed`.
     pub fn add_relay(&mut self, seed: u64) -> usize {
+        self.add_relay_with(seed, |_| {})
+    }
+
+    /// Adds an honest relay with a key derived from `seed`, its config changed by `tweak` first.
+    pub fn add_relay_with(&mut self, seed: u64, tweak: impl FnOnce(&mut NodeConfig)) -> usize {
         let mut secret = [0u8; 32];
         secret[..8].copy_from_slice(&seed.to_le_bytes());
         secret[8] = 0xAA;
         let mut cfg = NodeConfig::new(NodeKey::from_secret_bytes(secret), self.stream.id(), loopback());
         cfg.bootstrap = vec![self.boot.clone()];
         cfg.swarm.seed = seed;
+        tweak(&mut cfg);
         let (mut node, handle) = Node::bind(cfg).unwrap_or_else(|e| panic!("relay: {e}"));
         let mut rx = node.take_deliveries().unwrap_or_else(|| unreachable!("fresh node"));
         let tally = Arc::new(Mutex::new(Tally::default()));
@@ -129,7 +139,7 @@ impl Swarm {
                     match d {
                         Delivery::Chunk(c) => {
                             let genuine = published.lock().unwrap_or_else(|p| p.into_inner()).get(&c.seq()).cloned();
-                            if genuine.as_ref() != Some(c.payload()) {
+                            if genuine.as_ref() != Some(&c) {
                                 t.forged += 1;
                             }
                             t.delivered.push(c.seq());
@@ -149,8 +159,9 @@ impl Swarm {
         for _ in 0..count {
             self.tick.tick().await;
             let chunk = self.source.next_chunk(now_us());
-            self.published.lock().unwrap_or_else(|p| p.into_inner()).insert(chunk.seq(), chunk.payload().clone());
+            self.published.lock().unwrap_or_else(|p| p.into_inner()).insert(chunk.seq(), chunk.clone());
             self.last = chunk.seq();
+            self.edge.store(chunk.seq(), Ordering::Relaxed);
             self.origin.publish(chunk);
         }
         self.last
@@ -159,6 +170,12 @@ impl Swarm {
     /// The last chunk published.
     pub fn last(&self) -> u64 {
         self.last
+    }
+
+    /// The last chunk published, shared: an attacker task that must know the live edge the moment
+    /// it moves (the strongest liar) reads it here.
+    pub fn live_edge(&self) -> Arc<AtomicU64> {
+        self.edge.clone()
     }
 
     /// Waits until every relay still running has delivered or skipped `seq` (or `timeout` passes).
@@ -183,6 +200,28 @@ impl Swarm {
             .filter(|r| !r.kill.is_finished())
             .map(|r| r.tally.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .collect()
+    }
+
+    /// Chunks that failed verification at an honest node (origin or relay, live or not), split by
+    /// who sent them: `(from honest nodes, from anyone else)`. The first is the number of forged
+    /// chunks an honest node relayed (each receiver verifies before storing, so any forged chunk
+    /// one honest node passed to another would be caught and counted here); it must stay zero.
+    pub fn bad_chunks_received(&self) -> (u64, u64) {
+        use crowdsurf_proto::swarm::Misbehaviour;
+        let honest: std::collections::HashSet<_> = std::iter::once(self.origin.node_addr().id)
+            .chain(self.relays.iter().map(|r| r.handle.node_addr().id))
+            .collect();
+        let mut counts = (0, 0);
+        for handle in std::iter::once(&self.origin).chain(self.relays.iter().map(|r| &r.handle)) {
+            for o in handle.offences().into_iter().filter(|o| o.what == Misbehaviour::BadChunk) {
+                if honest.contains(&o.node) {
+                    counts.0 += 1;
+                } else {
+                    counts.1 += 1;
+                }
+            }
+        }
+        counts
     }
 
     /// The worst continuity and the number of forged deliveries over live relays.

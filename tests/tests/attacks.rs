@@ -137,18 +137,87 @@ async fn liars_free_riders_and_slow_readers_do_not_stop_honest_relays() {
     swarm.stop().await;
 }
 
+/// Connection floods against the origin (the address every ticket holds):
+///
+/// 1. 1,000 attempts from spoofed sources (a deaf endpoint: it sends first packets and never hears
+///    an answer), spread over 5 s. Beyond 16 handshakes in progress each gets a stateless Retry, so
+///    the spoofer holds at most 16 handshake slots, and a relay that joins in the middle of the flood
+///    (a real dialer, which answers the Retry) gets in and plays.
+/// 2. 1,000 real attempts at once: validated, then refused beyond 64 handshakes in progress.
+///
+/// Throughout, the honest relays keep playing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connection_attempts_does_not_stop_the_stream() {
+    use crowdsurf_peer::net::{Endpoint, EndpointConfig, LinkModel};
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::start(4, 5).await;
     swarm.publish(4).await;
-    let target = swarm.relays[0].handle.node_addr();
+    let target = swarm.boot.clone();
+    let defaults = crowdsurf_peer::NodeConfig::new(
+        crowdsurf_proto::NodeKey::from_secret_bytes([0; 32]),
+        swarm.stream.id(),
+        crowdsurf_tests::loopback(),
+    );
+    let (retry_above, cap) = (defaults.retry_above_handshakes as u64, defaults.max_pending_handshakes as u64);
+
+    // 1. Spoofed sources.
+    let mut deaf = EndpointConfig::new(crowdsurf_tests::loopback());
+    deaf.link = Some(LinkModel::deaf());
+    let spoofer = Endpoint::bind(&crowdsurf_proto::NodeKey::from_secret_bytes([0x76; 32]), deaf).unwrap();
+    let mut spoofed = tokio::task::JoinSet::new();
+    {
+        let (e, t) = (spoofer.clone(), target.clone());
+        spoofed.spawn(async move {
+            let mut attempts = tokio::task::JoinSet::new();
+            let mut pace = tokio::time::interval(Duration::from_millis(5));
+            for _ in 0..1000 {
+                pace.tick().await;
+                let (e, t) = (e.clone(), t.clone());
+                attempts.spawn(async move { e.connect(&t).await.is_ok() });
+            }
+            let mut connected = 0;
+            while let Some(r) = attempts.join_next().await {
+                connected += usize::from(r.unwrap_or(false));
+            }
+            connected
+        });
+    }
+    // Once the spoofer fills the first slots, a newcomer joins through the origin.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while swarm.origin.handshakes().retried == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the spoofed flood never reached the retry threshold");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let newcomer = swarm.add_relay(5_555);
+    let joined_at = swarm.last();
+    swarm.publish(20).await;
+    let spoofed_connected = spoofed.join_next().await.unwrap().unwrap();
+    let after_spoof = swarm.origin.handshakes();
+    eprintln!("after the spoofed flood: {after_spoof:?}");
+    assert_eq!(spoofed_connected, 0, "a deaf (spoofed) source completed a handshake");
+    assert!(after_spoof.attempts >= 1000, "the origin saw only {} attempts", after_spoof.attempts);
+    // The spoofer holds at most `retry_above` slots at a time (each until the handshake times out,
+    // 3 s), the newcomer one more; every other spoofed attempt costs one Retry packet.
+    assert!(
+        after_spoof.peak_pending <= retry_above + 1,
+        "spoofed attempts held {} handshake slots at once",
+        after_spoof.peak_pending
+    );
+    assert!(
+        after_spoof.retried >= 1000 - 3 * retry_above,
+        "only {} spoofed attempts were answered with a Retry",
+        after_spoof.retried
+    );
+    let tally = swarm.relays[newcomer].tally.lock().unwrap().clone();
+    assert!(
+        tally.delivered.first().is_some_and(|&s| s <= joined_at + 12),
+        "the newcomer did not start playing within 3 s of joining during the flood (first: {:?}, joined at {joined_at})",
+        tally.delivered.first()
+    );
+
+    // 2. Real dialers, all at once.
     let key = crowdsurf_proto::NodeKey::from_secret_bytes([0x77; 32]);
-    let endpoint = crowdsurf_peer::net::Endpoint::bind(
-        &key,
-        crowdsurf_peer::net::EndpointConfig::new(crowdsurf_tests::loopback()),
-    )
-    .unwrap();
+    let endpoint = Endpoint::bind(&key, EndpointConfig::new(crowdsurf_tests::loopback())).unwrap();
     let mut burst = tokio::task::JoinSet::new();
     for _ in 0..1000 {
         let (e, t) = (endpoint.clone(), target.clone());
@@ -160,9 +229,116 @@ async fn a_burst_of_connection_attempts_does_not_stop_the_stream() {
         ok += usize::from(matches!(r, Ok(Ok(()))));
     }
     swarm.settle(last, Duration::from_secs(5)).await;
-    eprintln!("{ok} of 1000 connection attempts completed a handshake");
+    let hs = swarm.origin.handshakes();
+    eprintln!("{ok} of 1000 real connection attempts completed a handshake; origin: {hs:?}");
+    assert!(hs.attempts >= after_spoof.attempts + 1000);
+    assert!(hs.peak_pending <= cap, "{} handshakes at once, over the cap of {cap}", hs.peak_pending);
+    assert!(hs.refused > 0 && ok < 1000, "the cap was never met: {hs:?}");
+    assert!(ok > 0, "no real dialer got through");
     assert_honest_fine(&swarm, 0.995);
+    spoofer.close();
     endpoint.close();
+    swarm.stop().await;
+}
+
+/// A peer that leaves and comes back under a new node id, eight times, against one relay. Node ids
+/// are free, so each new id is a new neighbour: accepted, with no history. What it must not gain:
+///
+/// - a forger's ban sticks to the id it forged with (coming back under it is refused), and each new
+///   id that forges is banned on its first forgery;
+/// - a liar that claims every chunk the moment it is published (so it looks like the best parent)
+///   and never sends one may be picked as a parent, but the relay goes on getting the stream
+///   elsewhere, and after it leaves nothing of it is left (the next id starts from nothing);
+/// - throughout, the target and the other honest relays keep playing, with nothing forged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_comes_back_under_new_node_ids_gains_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut swarm = Swarm::start(5, 7).await;
+    swarm.publish(6).await;
+    let target = swarm.relays[0].handle.node_addr();
+    let stream = swarm.stream.id();
+    let edge = swarm.live_edge();
+    #[derive(Debug)]
+    enum Round {
+        Liar(crowdsurf_tests::adversary::FreeRide),
+        Forger { banned: Option<GoodbyeReason>, back_under_the_same_id: Option<GoodbyeReason> },
+        Refused,
+    }
+    let attacker = tokio::spawn(async move {
+        let mut rounds = Vec::new();
+        for round in 0..8u64 {
+            let seed = 7000 + round;
+            let Ok(mut adv) = Adversary::join(&target, stream, seed).await else {
+                rounds.push(Round::Refused);
+                continue;
+            };
+            if round % 2 == 0 {
+                let ride = adv.lie_and_free_ride(&edge, Duration::from_secs(2)).await;
+                adv.leave().await;
+                rounds.push(Round::Liar(ride));
+            } else {
+                let now = edge.load(std::sync::atomic::Ordering::Relaxed);
+                let genuine = fetch_genuine(&mut adv, now).await;
+                let _ = adv.send_raw_chunk(&forge(Forgery::FlippedPayload, now + 1, genuine.as_ref())).await;
+                let banned = adv.closed_by_target(Duration::from_secs(5)).await;
+                adv.close();
+                let back = match Adversary::join(&target, stream, seed).await {
+                    Ok(again) => {
+                        let reason = again.closed_by_target(Duration::from_secs(5)).await;
+                        again.close();
+                        reason
+                    }
+                    Err(_) => Some(GoodbyeReason::Misbehaved),
+                };
+                rounds.push(Round::Forger { banned, back_under_the_same_id: back });
+            }
+        }
+        rounds
+    });
+    while !attacker.is_finished() {
+        swarm.publish(1).await;
+    }
+    let rounds = attacker.await.unwrap();
+    let last = swarm.publish(8).await;
+    swarm.settle(last, Duration::from_secs(5)).await;
+    eprintln!("rounds: {rounds:?}");
+    let stats = swarm.relays[0].handle.stats();
+    let others_p99 = swarm.relays[1..].iter().map(|r| r.handle.stats().arrival_latency.p99_ms).fold(0.0, f64::max);
+    let (picked, asked): (usize, usize) = rounds
+        .iter()
+        .filter_map(|r| match r {
+            Round::Liar(ride) => Some((ride.subscribed, ride.requested)),
+            _ => None,
+        })
+        .fold((0, 0), |(a, b), (s, r)| (a + s, b + r));
+    eprintln!(
+        "target: continuity {:.4}, p99 arrival {:.0} ms (other relays: worst p99 {others_p99:.0} ms), bans {}; \
+         liars subscribed to {picked} times, asked for {asked} chunks",
+        swarm.tallies()[0].continuity(),
+        stats.arrival_latency.p99_ms,
+        stats.counters.bans,
+    );
+    for (i, round) in rounds.iter().enumerate() {
+        match round {
+            Round::Refused => panic!("round {i}: a new node id was refused; it should be a new neighbour"),
+            Round::Liar(_) => {}
+            Round::Forger { banned, back_under_the_same_id } => {
+                assert_eq!(*banned, Some(GoodbyeReason::Misbehaved), "round {i}: a new id forged and was not banned");
+                assert_eq!(
+                    *back_under_the_same_id,
+                    Some(GoodbyeReason::Misbehaved),
+                    "round {i}: a banned id came back"
+                );
+            }
+        }
+    }
+    assert!(stats.counters.bans >= 4, "only {} bans at the target", stats.counters.bans);
+    let p99 = stats.arrival_latency.p99_ms;
+    assert!(
+        p99 <= (2.0 * others_p99).max(others_p99 + 250.0),
+        "the target's p99 arrival latency ({p99:.0} ms) fell far behind the other relays' ({others_p99:.0} ms)"
+    );
+    assert_honest_fine(&swarm, 0.995);
     swarm.stop().await;
 }
 
@@ -177,7 +353,9 @@ fn honest_p99(swarm: &Swarm) -> f64 {
 }
 
 /// A 50-peer swarm with 10 % of its peers hostile (forgers, liars, slow readers, flooders, garbage):
-/// honest continuity stays at least 99.5 % and no forged chunk is delivered. Prints the same figures
+/// honest continuity stays at least 99.5 %, no delivered chunk differs from the origin's in any byte
+/// (header, signature, payload), and no honest node relays a forged chunk (every honest receiver
+/// verifies what it gets and records who sent a chunk that failed: never an honest node). Prints the same figures
 /// for the same swarm without attackers, for docs/security.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_percent_malicious_peers_in_a_fifty_peer_swarm() {
@@ -241,7 +419,8 @@ async fn ten_percent_malicious_peers_in_a_fifty_peer_swarm() {
         swarm.settle(last, Duration::from_secs(5)).await;
         let (worst, forged) = swarm.summary();
         let bans: u64 = swarm.relays.iter().map(|r| r.handle.stats().counters.bans).sum();
-        results.push((attacked, worst, honest_p99(&swarm), forged, bans));
+        let (relayed, caught) = swarm.bad_chunks_received();
+        results.push((attacked, worst, honest_p99(&swarm), forged, bans, relayed, caught));
         while let Some(Ok(adv)) = tasks.join_next().await {
             adv.close();
         }
@@ -250,14 +429,18 @@ async fn ten_percent_malicious_peers_in_a_fifty_peer_swarm() {
         }
         swarm.stop().await;
     }
-    for (attacked, worst, p99, forged, bans) in &results {
+    for (attacked, worst, p99, forged, bans, relayed, caught) in &results {
         eprintln!(
-            "attack {attacked}: worst honest continuity {:.3} %, worst honest p99 {p99:.0} ms, forged delivered {forged}, bans {bans}",
+            "attack {attacked}: worst honest continuity {:.3} %, worst honest p99 {p99:.0} ms, forged delivered {forged}, \
+             forged relayed by honest nodes {relayed}, forged caught from attackers {caught}, bans {bans}",
             worst * 100.0
         );
     }
-    let (_, worst, _, forged, bans) = results[1];
-    assert_eq!(forged, 0, "a forged chunk was delivered");
+    let (_, worst, _, forged, bans, relayed, caught) = results[1];
+    assert_eq!(forged, 0, "a chunk differing from the origin's (header, signature or payload) was delivered");
+    assert_eq!(relayed, 0, "an honest node relayed a forged chunk");
+    assert!(caught >= 1, "no forged chunk reached an honest node: the forger did not attack");
+    assert_eq!(results[0].5 + results[0].6, 0, "bad chunks in the run without attackers");
     assert!(bans > 0, "nobody was banned");
     assert!(worst >= 0.995, "honest continuity fell to {worst:.4} under attack");
 }

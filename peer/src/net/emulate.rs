@@ -137,7 +137,7 @@ impl LinkModel {
 pub struct LinkStats {
     /// Datagrams handed to the real socket.
     pub sent: u64,
-    /// Datagrams dropped at random.
+    /// Datagrams dropped at random, or while the link was cut.
     pub lost: u64,
     /// Datagrams dropped because the bottleneck queue was full.
     pub queue_drops: u64,
