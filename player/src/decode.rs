@@ -1,9 +1,11 @@
 //! Real-time decoding of the released chunks: an FFmpeg MPEG-TS demuxer fed from memory, H.264 and
 //! AAC decoders, display timing and the headless figures.
 //!
-//! The decoder runs on its own thread (FFmpeg calls block). Chunks arrive from the [`Pacer`] at their
-//! deadlines through a channel; a [`FeedReader`] hands their bytes to the demuxer through
-//! `ffmpeg::format::context::StreamIo` (custom I/O, no pipe, no copy beyond the AVIO buffer).
+//! The decoder runs on its own thread (FFmpeg calls block). Chunks arrive from the [`Pacer`] shortly
+//! before their deadlines ([`crate::DECODE_LEAD`]) through a channel; a [`FeedReader`] hands their
+//! bytes to the demuxer through `ffmpeg::format::context::StreamIo` (custom I/O, no pipe), with the
+//! last PES packet of each stream closed ([`crate::pes`]) so that no picture waits in the demuxer for
+//! the next chunk.
 //!
 //! **Runs and gaps.** Decoding happens in *runs*: a run starts at a random-access chunk (PAT/PMT,
 //! SPS/PPS and a keyframe) with a fresh demuxer and fresh decoders, and lasts until a gap (a skipped
@@ -14,9 +16,14 @@
 //!
 //! **Display timing.** Each video packet is traced back to the chunk it came in (by its byte position
 //! in the demuxer's input). The chunk's first frame was captured at the chunk's `capture_us` and is due
-//! on screen at the chunk's deadline (capture + latency); a later frame of the chunk is due its PTS
-//! offset from that first frame later. A frame is *presented* at `max(decoded_at, due)`, so display
-//! latency = presented − capture time = the configured latency + however late decoding was.
+//! on screen at the chunk's deadline (capture + latency); a later frame of the chunk was captured and
+//! is due its PTS offset from that first frame later. A frame is *presented* at `max(decoded_at, due)`:
+//! the moment it is on screen if the screen shows each picture when due, or the moment it exists if
+//! decoding was late. **Display latency** is measured, not derived from the setting: presented minus
+//! the frame's own capture time, brought onto our clock with the node's estimate of the origin's
+//! clock offset. It comes out above the configured latency by however late the frame was (a late
+//! chunk, a deadline pushed back to keep releases in order, slow decoding, a demuxer holding a
+//! packet back), and never below it.
 //!
 //! [`Pacer`]: crate::pacer::Pacer
 
@@ -33,6 +40,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::pacer::{Playout, Released};
+use crate::pes::close_last_pes;
 
 /// Wall clock, µs since the Unix epoch.
 pub fn now_us() -> u64 {
@@ -41,8 +49,9 @@ pub fn now_us() -> u64 {
 
 /// Where decoded frames go besides the statistics (the window).
 pub trait FrameSink: Send {
-    /// A decoded video frame, due on screen at `due_us` (wall clock, µs).
-    fn video(&mut self, frame: &ffmpeg::frame::Video, due_us: u64);
+    /// A decoded video frame, due on screen at `due_us` (wall clock, µs), captured at `capture_us`
+    /// (on the same clock).
+    fn video(&mut self, frame: &ffmpeg::frame::Video, due_us: u64, capture_us: u64);
     /// A decoded audio frame, due at the speaker at `due_us` (wall clock, µs).
     fn audio(&mut self, frame: &ffmpeg::frame::Audio, due_us: u64);
     /// A run ended (gap or error): drop queued media.
@@ -74,7 +83,7 @@ pub struct DecodeReport {
     pub audio_frames_decoded: u64,
     /// Chunks the node skipped (missed their deadline).
     pub chunks_skipped: u64,
-    /// Chunks released to the decoder at their deadline.
+    /// Chunks handed to the decoder (shortly before their deadline).
     pub chunks_played: u64,
     /// Chunks dropped while waiting for a random-access chunk (after start, a gap or an error).
     pub chunks_dropped_waiting: u64,
@@ -84,7 +93,7 @@ pub struct DecodeReport {
     pub decode_errors: u64,
     /// Decoding runs started (1 + restarts after gaps, discontinuities or errors).
     pub runs: u64,
-    /// Start of the player to its first decoded video frame, seconds.
+    /// Start of the player to its first presented video frame (decoded and due), seconds.
     pub startup_s: Option<f64>,
     /// Capture time to presentation, per video frame.
     pub display_latency: Latency,
@@ -257,13 +266,21 @@ struct Feed {
 struct Mark {
     start: u64,
     deadline_us: u64,
+    capture_local_us: u64,
     first_video_pts: Option<i64>,
 }
 
 impl Mark {
     fn of(chunk: &Released, start: u64) -> Self {
-        Mark { start, deadline_us: chunk.deadline_us, first_video_pts: None }
+        Mark { start, deadline_us: chunk.deadline_us, capture_local_us: chunk.capture_local_us, first_video_pts: None }
     }
+}
+
+/// When a frame is due on screen and when it was captured, our wall clock, µs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FrameTimes {
+    due_us: u64,
+    capture_us: u64,
 }
 
 impl Feed {
@@ -307,8 +324,14 @@ impl Read for FeedReader {
                     feed.end = Some(RunEnd::Error);
                 }
                 Ok(Playout::Chunk(chunk)) => {
+                    tracing::trace!(
+                        seq = chunk.seq,
+                        bytes = chunk.payload.len(),
+                        after_deadline_ms = now_us().saturating_sub(chunk.deadline_us) as f64 / 1000.0,
+                        "chunk to the demuxer"
+                    );
                     feed.stats.lock().chunks_played += 1;
-                    feed.pending = chunk.payload.clone();
+                    feed.pending = close_last_pes(&chunk.payload);
                     let start = feed.taken;
                     feed.taken += feed.pending.len() as u64;
                     feed.push_mark(Mark::of(&chunk, start));
@@ -353,20 +376,30 @@ struct Decoder {
     stats: DecodeStats,
 }
 
-/// Per-run display clock: maps PTS to wall-clock due times.
+/// Per-run display clock: maps PTS to wall-clock due and capture times.
 struct Anchor {
-    deadline_us: u64,
+    times: FrameTimes,
     pts: Option<i64>,
     last_pts: Option<i64>,
     time_base: ffmpeg::Rational,
 }
 
 impl Anchor {
-    fn due_us(&mut self, pts: i64) -> u64 {
+    fn new(first: &Released, time_base: ffmpeg::Rational) -> Self {
+        Anchor {
+            times: FrameTimes { due_us: first.deadline_us, capture_us: first.capture_local_us },
+            pts: None,
+            last_pts: None,
+            time_base,
+        }
+    }
+
+    fn times(&mut self, pts: i64) -> FrameTimes {
         let anchor_pts = *self.pts.get_or_insert(pts);
         let delta = i128::from(pts - anchor_pts) * i128::from(self.time_base.numerator()) * 1_000_000
             / i128::from(self.time_base.denominator().max(1));
-        u64::try_from((i128::from(self.deadline_us) + delta).max(0)).unwrap_or(u64::MAX)
+        let at = |t: u64| u64::try_from((i128::from(t) + delta).max(0)).unwrap_or(u64::MAX);
+        FrameTimes { due_us: at(self.times.due_us), capture_us: at(self.times.capture_us) }
     }
 }
 
@@ -421,7 +454,7 @@ impl Decoder {
     fn play_run(&mut self, first: &Released) -> RunEnd {
         {
             let mut feed = self.feed();
-            feed.pending = first.payload.clone();
+            feed.pending = close_last_pes(&first.payload);
             feed.taken = feed.pending.len() as u64;
             feed.marks.clear();
             feed.push_mark(Mark::of(first, 0));
@@ -503,18 +536,8 @@ impl Decoder {
             }
             None => None,
         };
-        let mut vanchor = Anchor {
-            deadline_us: first.deadline_us,
-            pts: None,
-            last_pts: None,
-            time_base: video.as_ref().map_or(ffmpeg::Rational(1, 90_000), |v| v.1),
-        };
-        let mut aanchor = Anchor {
-            deadline_us: first.deadline_us,
-            pts: None,
-            last_pts: None,
-            time_base: audio.as_ref().map_or(ffmpeg::Rational(1, 90_000), |a| a.1),
-        };
+        let mut vanchor = Anchor::new(first, video.as_ref().map_or(ffmpeg::Rational(1, 90_000), |v| v.1));
+        let mut aanchor = Anchor::new(first, audio.as_ref().map_or(ffmpeg::Rational(1, 90_000), |a| a.1));
         // Both media share one clock: anchor audio to the video's first PTS when there is video.
         let vindex = video.as_ref().map(|v| v.0);
         if self.has_video && vindex.is_none() {
@@ -580,10 +603,11 @@ impl Decoder {
             let Some(pts) = frame.timestamp().or(frame.pts()) else { continue };
             // Due at its own chunk's deadline plus its offset in that chunk; the run's anchor when the
             // packet's position was unknown.
-            let due = timing.take(pts).unwrap_or_else(|| anchor.due_us(pts));
+            let times = timing.take(pts).unwrap_or_else(|| anchor.times(pts));
+            let due = times.due_us;
             anchor.pts.get_or_insert(pts);
             // Audio follows the pictures' clock.
-            audio_anchor.deadline_us = due;
+            audio_anchor.times = times;
             audio_anchor.pts = Some(rescale(pts, anchor.time_base, audio_anchor.time_base));
             if let Some(last) = anchor.last_pts.replace(pts)
                 && pts > last
@@ -596,7 +620,9 @@ impl Decoder {
                 }
             }
             let presented = now.max(due);
-            let latency_us = self.options.latency_us + (presented - due);
+            // Measured from the frame's capture, not from its deadline: a deadline later than capture +
+            // latency (pushed back to keep releases in order) shows here.
+            let latency_us = presented.saturating_sub(times.capture_us);
             tracing::trace!(
                 pts,
                 late_ms = (presented - due) as f64 / 1000.0,
@@ -606,8 +632,10 @@ impl Decoder {
             {
                 let mut f = self.stats.lock();
                 if f.startup.is_none() {
-                    f.startup = Some(self.options.start.elapsed());
-                    info!(startup_ms = self.options.start.elapsed().as_millis() as u64, "first frame decoded");
+                    // Until the first picture is presented, not merely decoded (decoding runs ahead).
+                    let startup = self.options.start.elapsed() + Duration::from_micros(presented - now);
+                    f.startup = Some(startup);
+                    info!(startup_ms = startup.as_millis() as u64, "first picture presented");
                 }
                 if f.video_size.is_none() {
                     f.video_size = Some(format!("{}x{}", frame.width(), frame.height()));
@@ -616,7 +644,7 @@ impl Decoder {
             self.stats.presented(presented, latency_us);
             self.feed().pictures_in_run += 1;
             if let Some(sink) = &mut self.options.sink {
-                sink.video(frame, due);
+                sink.video(frame, due, times.capture_us);
             }
         }
     }
@@ -645,7 +673,7 @@ impl Decoder {
                 continue;
             }
             let Some(pts) = frame.timestamp().or(frame.pts()) else { continue };
-            let due = anchor.due_us(pts);
+            let due = anchor.times(pts).due_us;
             if let Some(sink) = &mut self.options.sink {
                 sink.audio(frame, due);
             }
@@ -655,10 +683,10 @@ impl Decoder {
 
 /// Due times of video packets by PTS, from the chunk each packet came in.
 #[derive(Debug, Default)]
-struct Timing(std::collections::BTreeMap<i64, u64>);
+struct Timing(std::collections::BTreeMap<i64, FrameTimes>);
 
 impl Timing {
-    fn take(&mut self, pts: i64) -> Option<u64> {
+    fn take(&mut self, pts: i64) -> Option<FrameTimes> {
         let due = self.0.remove(&pts);
         // Older entries belong to frames the decoder dropped.
         self.0 = self.0.split_off(&pts);
@@ -672,11 +700,12 @@ impl Decoder {
     fn note_video_packet(&self, timing: &mut Timing, pts: i64, pos: u64, time_base: ffmpeg::Rational) {
         let mut feed = self.feed();
         let Some(mark) = feed.marks.iter_mut().rev().find(|m| m.start <= pos) else { return };
+        tracing::trace!(pts, pos, mark_start = mark.start, deadline_us = mark.deadline_us, "video packet's chunk");
         let first = *mark.first_video_pts.get_or_insert(pts);
         let offset_us = rescale(pts - first, time_base, ffmpeg::Rational(1, 1_000_000));
-        let due = i128::from(mark.deadline_us) + i128::from(offset_us);
-        if let Ok(due) = u64::try_from(due) {
-            timing.0.insert(pts, due);
+        let at = |t: u64| u64::try_from(i128::from(t) + i128::from(offset_us));
+        if let (Ok(due_us), Ok(capture_us)) = (at(mark.deadline_us), at(mark.capture_local_us)) {
+            timing.0.insert(pts, FrameTimes { due_us, capture_us });
         }
         if timing.0.len() > 1024 {
             timing.0.pop_first();

@@ -154,6 +154,7 @@ mod tests {
             end_of_stream: false,
             after_gap,
             deadline_us: 0,
+            capture_local_us: 0,
             payload: Bytes::from(vec![seq as u8; 188]),
         }))
     }

@@ -14,6 +14,10 @@
 //!                                                         └─▶ Hub ──▶ HTTP clients, HLS, stdout, file
 //! ```
 //!
+//! The decoder gets each chunk [`DECODE_LEAD`] ahead of its deadline (so the chunk's first picture is
+//! decoded by the time it is due, even on a busy machine, and then held until due); the TS outputs get
+//! it at the deadline itself.
+//!
 //! A chunk missing at its deadline (the node reports a skip) becomes a gap: every consumer drops what
 //! follows until the next random-access chunk and resumes there, without restarting anything.
 //!
@@ -24,6 +28,7 @@ pub mod gateway;
 pub mod hls;
 pub mod hub;
 pub mod pacer;
+pub mod pes;
 #[cfg(feature = "window")]
 pub mod window;
 
@@ -42,6 +47,10 @@ use tracing::{info, warn};
 
 pub use decode::{DecodeReport, DecodeStats, FrameSink};
 use pacer::{Pacer, Playout};
+
+/// How long before its deadline a chunk goes to the decoder (at most half the latency): decoding takes
+/// a few milliseconds per picture, more on a loaded machine, and a picture decoded early simply waits.
+pub const DECODE_LEAD: Duration = Duration::from_millis(100);
 
 /// A few lines of live figures the player keeps up to date once a second (the window's overlay).
 pub type StatusLine = Arc<Mutex<String>>;
@@ -230,8 +239,12 @@ pub async fn run(mut config: PlayerConfig, shutdown: impl Future<Output = ()>) -
         }
     }
 
-    // The pacing loop.
+    // The pacing loop: chunks go to the decoder `lead` early, then wait in `to_outputs` for their
+    // deadline.
     let mut pacer = Pacer::new(latency_us);
+    let lead_us = (DECODE_LEAD.as_micros() as u64).min(latency_us / 2);
+    let mut to_outputs: std::collections::VecDeque<(u64, Playout)> = std::collections::VecDeque::new();
+    let mut last_deadline = 0u64;
     let mut status = tokio::time::interval(Duration::from_secs(1));
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stop_at = config.duration.map(|d| tokio::time::Instant::from_std(start + d));
@@ -244,23 +257,35 @@ pub async fn run(mut config: PlayerConfig, shutdown: impl Future<Output = ()>) -
     let mut decode_tx = decode_tx;
     let mut last_bytes = (0u64, 0u64, Instant::now());
     loop {
-        let sleep_for = pacer
-            .next_due()
-            .map_or(Duration::from_secs(3600), |due| Duration::from_micros(due.saturating_sub(decode::now_us())));
+        let next = [pacer.next_due().map(|d| d.saturating_sub(lead_us)), to_outputs.front().map(|(d, _)| *d)]
+            .into_iter()
+            .flatten()
+            .min();
+        let sleep_for =
+            next.map_or(Duration::from_secs(3600), |due| Duration::from_micros(due.saturating_sub(decode::now_us())));
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
             _ = async { if let Some(t) = stop_at { tokio::time::sleep_until(t).await } else { std::future::pending().await } } => break,
             _ = tokio::time::sleep(sleep_for) => {
                 let now = decode::now_us();
-                while let Some(item) = pacer.poll(now) {
-                    if let Playout::Chunk(c) = &item && c.end_of_stream {
-                        info!(seq = c.seq, "the broadcaster ended the stream; waiting in case it comes back");
-                    }
+                while let Some(item) = pacer.poll(now + lead_us) {
                     if let Some(tx) = &decode_tx && tx.send(item.clone()).is_err() {
                         warn!("the decoder stopped; playing on without it");
                         decode_tx = None;
                     }
+                    if let Playout::Chunk(c) = &item {
+                        last_deadline = c.deadline_us;
+                        if c.end_of_stream {
+                            info!(seq = c.seq, "the broadcaster ended the stream; waiting in case it comes back");
+                        }
+                    }
+                    if hub.is_some() {
+                        to_outputs.push_back((last_deadline, item));
+                    }
+                }
+                while to_outputs.front().is_some_and(|(due, _)| *due <= now) {
+                    let Some((_, item)) = to_outputs.pop_front() else { break };
                     if let Some(hub) = &hub {
                         hub.publish(&item);
                     }

@@ -35,8 +35,11 @@ pub struct Released {
     pub end_of_stream: bool,
     /// The first chunk after a gap (a skipped chunk or a jump in sequence numbers).
     pub after_gap: bool,
-    /// When it was due (and released), our wall clock, µs.
+    /// When it is due (its first picture on screen, its bytes to the TS outputs), our wall clock, µs.
     pub deadline_us: u64,
+    /// `capture_us` on our wall clock (corrected by the estimated origin clock offset), µs: what
+    /// display latency is measured from.
+    pub capture_local_us: u64,
     /// Whole MPEG-TS packets.
     pub payload: Bytes,
 }
@@ -92,7 +95,12 @@ impl Pacer {
 
     /// The deadline of a chunk captured at `capture_us`, on our clock.
     pub fn deadline(&self, capture_us: u64) -> u64 {
-        let t = i128::from(capture_us) + i128::from(self.latency_us) - i128::from(self.origin_offset_us);
+        self.local(capture_us).saturating_add(self.latency_us)
+    }
+
+    /// An origin-clock time on our clock.
+    pub fn local(&self, origin_us: u64) -> u64 {
+        let t = i128::from(origin_us) - i128::from(self.origin_offset_us);
         u64::try_from(t.max(0)).unwrap_or(u64::MAX)
     }
 
@@ -135,6 +143,7 @@ impl Pacer {
             end_of_stream: h.flags.contains(Flags::END_OF_STREAM),
             after_gap,
             deadline_us: due,
+            capture_local_us: self.local(h.capture_us),
             payload: chunk.payload().clone(),
         };
         self.queue.push_back((due, Playout::Chunk(Arc::new(released))));
@@ -218,5 +227,6 @@ mod tests {
         let mut p = Pacer::new(1_000);
         p.set_origin_offset(300);
         assert_eq!(p.deadline(10_000), 10_700);
+        assert_eq!(p.local(10_000), 9_700);
     }
 }

@@ -47,6 +47,7 @@ struct Picture {
     planes: [Vec<u8>; 3],
     strides: [usize; 3],
     due_us: u64,
+    capture_us: u64,
 }
 
 struct Sound {
@@ -139,6 +140,9 @@ impl Window {
         let mut last_overlay = 0u64;
         let mut shown = 0u64;
         let mut late_dropped = 0u64;
+        // Capture to the moment a picture went to the screen (after `present`), µs.
+        let mut on_screen = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).ok();
+        let mut presenting: Option<u64> = None;
         info!("window open: F fullscreen, O overlay, Q quit");
         'outer: loop {
             for event in events.poll_iter() {
@@ -215,6 +219,7 @@ impl Window {
                     }
                 }
                 shown += 1;
+                presenting = Some(p.capture_us);
                 dirty = true;
             }
             // Sound: queue each block when it is due; if the device runs far behind, start over.
@@ -273,11 +278,21 @@ impl Window {
                     }
                 }
                 self.canvas.present();
+                if let (Some(capture_us), Some(h)) = (presenting.take(), &mut on_screen) {
+                    let _ = h.record(now_us().saturating_sub(capture_us).max(1));
+                }
             }
             let next = pictures.front().map_or(10_000, |p| p.due_us.saturating_sub(now_us())).clamp(1_000, 10_000);
             std::thread::sleep(Duration::from_micros(next));
         }
-        info!(shown, late_dropped, "window closed");
+        let q = |p: f64| on_screen.as_ref().map_or(0, |h| h.value_at_quantile(p) / 1000);
+        info!(
+            shown,
+            late_dropped,
+            capture_to_screen_p50_ms = q(0.5),
+            capture_to_screen_p99_ms = q(0.99),
+            "window closed"
+        );
     }
 }
 
@@ -306,7 +321,7 @@ impl WindowSink {
 }
 
 impl FrameSink for WindowSink {
-    fn video(&mut self, frame: &ffmpeg::frame::Video, due_us: u64) {
+    fn video(&mut self, frame: &ffmpeg::frame::Video, due_us: u64, capture_us: u64) {
         use ffmpeg::format::Pixel;
         if !matches!(frame.format(), Pixel::YUV420P | Pixel::YUVJ420P) {
             if !self.warned {
@@ -326,7 +341,7 @@ impl FrameSink for WindowSink {
             planes[i] = data[..len].to_vec();
             strides[i] = stride;
         }
-        self.send(Media::Picture(Picture { width: w, height: h, planes, strides, due_us }));
+        self.send(Media::Picture(Picture { width: w, height: h, planes, strides, due_us, capture_us }));
     }
 
     fn audio(&mut self, frame: &ffmpeg::frame::Audio, due_us: u64) {

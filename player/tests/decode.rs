@@ -45,6 +45,7 @@ fn released(c: &Verified, after_gap: bool, payload: Option<Bytes>) -> Playout {
         end_of_stream: false,
         after_gap,
         deadline_us: decode::now_us(),
+        capture_local_us: decode::now_us().saturating_sub(200_000),
         payload: payload.unwrap_or_else(|| c.payload().clone()),
     }))
 }
@@ -92,4 +93,55 @@ fn gaps_and_garbage_resume_at_the_next_random_access_chunk() {
     let total = (chunks.len() as f64 / 4.0 * gop_frames as f64) as u64;
     assert!(r.frames_decoded + 2 * gop_frames >= total, "{} of ~{total} frames decoded", r.frames_decoded);
     assert!(r.frames_decoded > 0);
+}
+
+/// Video pictures in a chunk: TS packets that start a PES packet of a video stream.
+fn pictures_in(payload: &[u8]) -> u64 {
+    payload
+        .chunks_exact(188)
+        .filter(|p| {
+            let start = match (p[3] >> 4) & 3 {
+                1 => 4,
+                3 => 5 + usize::from(p[4]),
+                _ => return false,
+            };
+            p[1] & 0x40 != 0
+                && p.len() >= start + 4
+                && p[start..start + 3] == [0, 0, 1]
+                && (p[start + 3] & 0xf0) == 0xe0
+        })
+        .count() as u64
+}
+
+/// Every picture of a chunk comes out of the decoder once that chunk is in, without waiting for the
+/// next chunk (which is released a chunk interval later): the player closes each chunk's last PES.
+#[test]
+fn a_chunks_last_picture_does_not_wait_for_the_next_chunk() {
+    ffmpeg_next::init().unwrap();
+    ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Quiet);
+    let chunks = chunks(2.2);
+    let first = chunks.iter().position(|c| c.header().is_random_access()).expect("a random-access chunk");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (thread, stats) =
+        decode::spawn(rx, DecoderOptions { latency_us: 1_000_000, start: Instant::now(), sink: None }).unwrap();
+    let mut expected = 0;
+    for c in &chunks[first..first + 3] {
+        expected += pictures_in(c.payload());
+        tx.send(released(c, false, None)).unwrap();
+        let until = Instant::now() + std::time::Duration::from_secs(10);
+        while stats.brief().0 < expected {
+            assert!(
+                Instant::now() < until,
+                "chunk {}: {} of its {} pictures so far came out; the rest waits for the next chunk",
+                c.seq(),
+                stats.brief().0,
+                expected
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    assert!(expected >= 12, "too few pictures in three chunks: {expected}");
+    drop(tx);
+    thread.join().unwrap();
+    assert_eq!(stats.brief().0, expected, "more pictures than the chunks held");
 }
