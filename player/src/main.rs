@@ -138,7 +138,9 @@ fn real_main(args: Args) -> Result<()> {
     config.status_every = Duration::from_secs(args.status_every.max(1));
     let other_outputs = config.http.is_some() || stdout || config.record.is_some();
     config.decode = args.headless || args.stats_json.is_some();
-    let want_window = !args.headless && !other_outputs;
+    // The window comes on top of any other output unless --headless; without a display the other
+    // outputs go on alone.
+    let want_window = !args.headless;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -146,7 +148,7 @@ fn real_main(args: Args) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
 
-    let report = if want_window { run_window(&runtime, config)? } else { run_plain(&runtime, config)? };
+    let report = if want_window { run_window(&runtime, config, other_outputs)? } else { run_plain(&runtime, config)? };
     print_summary(&report);
     if let Some(path) = &args.stats_json {
         let json = serde_json::to_string_pretty(&report).context("cannot encode the figures")?;
@@ -171,8 +173,10 @@ fn run_plain(runtime: &tokio::runtime::Runtime, config: PlayerConfig) -> Result<
 }
 
 #[cfg(not(feature = "window"))]
-fn run_window(runtime: &tokio::runtime::Runtime, mut config: PlayerConfig) -> Result<PlayerReport> {
-    let _ = (runtime, &mut config);
+fn run_window(runtime: &tokio::runtime::Runtime, config: PlayerConfig, other_outputs: bool) -> Result<PlayerReport> {
+    if other_outputs {
+        return run_plain(runtime, config);
+    }
     bail!(
         "this build has no window (built without the `window` feature): use --http 127.0.0.1:8080 and open \
          http://127.0.0.1:8080/stream.ts in mpv or VLC, or --output - | mpv -, or --headless"
@@ -180,10 +184,18 @@ fn run_window(runtime: &tokio::runtime::Runtime, mut config: PlayerConfig) -> Re
 }
 
 #[cfg(feature = "window")]
-fn run_window(runtime: &tokio::runtime::Runtime, mut config: PlayerConfig) -> Result<PlayerReport> {
+fn run_window(
+    runtime: &tokio::runtime::Runtime,
+    mut config: PlayerConfig,
+    other_outputs: bool,
+) -> Result<PlayerReport> {
     use crowdsurf_player::window;
     let window = match window::Window::open() {
         Ok(w) => w,
+        Err(e) if other_outputs => {
+            tracing::info!("{e}: no window here; the other outputs go on (--headless silences this)");
+            return run_plain(runtime, config);
+        }
         Err(e) => bail!(
             "{e}: there is no display here. Use --http 127.0.0.1:8080 and open http://127.0.0.1:8080/stream.ts in \
              mpv or VLC on a machine with a screen, or --output - | mpv -, or --headless"
@@ -193,13 +205,21 @@ fn run_window(runtime: &tokio::runtime::Runtime, mut config: PlayerConfig) -> Re
     config.sink = Some(Box::new(window.sink()));
     config.status = Some(window.status_line());
     let (quit_tx, quit_rx) = tokio::sync::oneshot::channel::<()>();
-    let player = runtime.spawn(crowdsurf_player::run(config, async move {
-        tokio::select! {
-            _ = quit_rx => {}
-            _ = ctrl_c() => {}
-        }
-    }));
-    window.run();
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let player_finished = finished.clone();
+    let player = runtime.spawn(async move {
+        let report = crowdsurf_player::run(config, async move {
+            tokio::select! {
+                _ = quit_rx => {}
+                _ = ctrl_c() => {}
+            }
+        })
+        .await;
+        // --duration, Ctrl-C or a fatal error: close the window too.
+        player_finished.store(true, std::sync::atomic::Ordering::Relaxed);
+        report
+    });
+    window.run(&finished);
     let _ = quit_tx.send(());
     runtime.block_on(player).context("player task failed")?.context("player failed")
 }

@@ -72,10 +72,17 @@ pub struct Window {
 }
 
 impl Window {
-    /// Opens the window (and the sound device, if there is one). Fails without a display.
+    /// Opens the window (and the sound device, if there is one). Fails without a display: SDL's
+    /// stand-in drivers that show nothing (`offscreen`, `dummy`) count as none unless asked for by
+    /// name in `SDL_VIDEODRIVER`.
     pub fn open() -> Result<Window, WindowError> {
         let sdl = sdl2::init().map_err(WindowError::Sdl)?;
         let video = sdl.video().map_err(WindowError::Sdl)?;
+        let driver = video.current_video_driver();
+        if matches!(driver, "offscreen" | "dummy") && std::env::var_os("SDL_VIDEODRIVER").is_none() {
+            return Err(WindowError::Sdl(format!("no display, only SDL's {driver} driver")));
+        }
+        debug!(driver, "video driver");
         let window = video
             .window("crowdsurf", 960, 540)
             .position_centered()
@@ -117,8 +124,8 @@ impl Window {
         self.status.clone()
     }
 
-    /// Runs the window until it is closed (or Q/Esc).
-    pub fn run(mut self) {
+    /// Runs the window until it is closed (or Q/Esc), or until `stop` is set (the player finished).
+    pub fn run(mut self, stop: &std::sync::atomic::AtomicBool) {
         let mut events = match self.sdl.event_pump() {
             Ok(e) => e,
             Err(e) => {
@@ -145,6 +152,9 @@ impl Window {
         let mut presenting: Option<u64> = None;
         info!("window open: F fullscreen, O overlay, Q quit");
         'outer: loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
             for event in events.poll_iter() {
                 match event {
                     Event::Quit { .. } => break 'outer,
