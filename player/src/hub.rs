@@ -139,6 +139,9 @@ pub fn spawn_writer(
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                 warn!(output = %what, "the reader closed: this output stopped; playback and other outputs go on")
             }
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                warn!(output = %what, error = %e, "the disk is full: this output stopped; playback and other outputs go on")
+            }
             Err(e) => warn!(output = %what, error = %e, "writing failed: this output stopped; playback and other outputs go on"),
         }
     })
