@@ -1804,7 +1804,7 @@ impl Swarm {
 }
 
 /// On the origin: chunks it may send beyond its upload budget in a burst.
-const ORIGIN_BURST_CHUNKS: u64 = 4;
+const ORIGIN_BURST_CHUNKS: u64 = 2;
 
 /// Least time between two `Tree` announcements of ours, µs.
 const TREE_INTERVAL_US: Time = 100_000;
