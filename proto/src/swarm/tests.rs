@@ -325,11 +325,8 @@ fn trees_stay_loop_free_under_churn_and_uneven_uplinks() {
     let push: u64 = result.nodes.iter().map(|r| r.counters.push).sum();
     let pull: u64 = result.nodes.iter().map(|r| r.counters.pull).sum();
     assert!(push as f64 > 0.88 * (push + pull) as f64, "push share too low: push {push}, pull {pull}");
-    let (delivered, skipped) = result
-        .nodes
-        .iter()
-        .filter(|r| r.present_at_end)
-        .fold((0, 0), |(d, s), r| (d + r.delivered, s + r.skipped));
+    let (delivered, skipped) =
+        result.nodes.iter().filter(|r| r.present_at_end).fold((0, 0), |(d, s), r| (d + r.delivered, s + r.skipped));
     let continuity = delivered as f64 / (delivered + skipped) as f64;
     eprintln!("continuity {continuity:.4}, push {push}, pull {pull}");
     assert!(continuity >= 0.985, "continuity {continuity:.4} ({skipped} skipped)");
