@@ -357,11 +357,14 @@ impl Node {
         let mut conns: HashMap<ConnId, (mpsc::UnboundedSender<ConnCommand>, Connection)> = HashMap::new();
         let mut sends: HashMap<(ConnId, u64), AbortHandle> = HashMap::new();
         let mut next_conn = 1u64;
+        // Chunks handed to the state machine since the last pump, for their arrival latency.
+        let mut arrivals: HashMap<u64, (Verified, u64)> = HashMap::new();
         let now = self.clock.now_us();
         self.swarm.add_peers(now, self.config.bootstrap.clone());
         let mut stats_at = Instant::now();
         loop {
-            self.pump(&events_tx, &mut tasks, &mut conns, &mut sends);
+            self.pump(&events_tx, &mut tasks, &mut conns, &mut sends, &mut arrivals);
+            arrivals.clear();
             if stats_at.elapsed() >= Duration::from_millis(200) {
                 stats_at = Instant::now();
                 self.stats.update_from(&self.swarm, self.clock.now_us());
@@ -412,7 +415,10 @@ impl Node {
                         }
                         ConnEvent::Message { id, message } => self.swarm.handle_message(now, id, message),
                         ConnEvent::Chunk { id, chunk } => {
-                            self.stats.record_arrival(&chunk, now, self.swarm.origin_offset().0);
+                            // Its arrival latency is recorded when the state machine stores it
+                            // (`Output::Arrived`): duplicates and replays of chunks long gone do
+                            // not count, or a replayer could skew the figures.
+                            arrivals.insert(chunk.seq(), (chunk.clone(), now));
                             self.swarm.handle_chunk(now, id, chunk);
                         }
                         ConnEvent::Misbehaved { id, what, why } => {
@@ -521,6 +527,7 @@ impl Node {
         tasks: &mut JoinSet<()>,
         conns: &mut HashMap<ConnId, (mpsc::UnboundedSender<ConnCommand>, Connection)>,
         sends: &mut HashMap<(ConnId, u64), AbortHandle>,
+        arrivals: &mut HashMap<u64, (Verified, u64)>,
     ) {
         while let Some(output) = self.swarm.poll_output() {
             match output {
@@ -602,7 +609,11 @@ impl Node {
                         let _ = tx.send(Delivery::Skip(seq));
                     }
                 }
-                Output::Arrived { .. } => {}
+                Output::Arrived { seq, .. } => {
+                    if let Some((chunk, at)) = arrivals.remove(&seq) {
+                        self.stats.record_arrival(&chunk, at, self.swarm.origin_offset().0);
+                    }
+                }
             }
         }
     }

@@ -13,6 +13,12 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn assert_honest_fine(swarm: &Swarm, min_continuity: f64) {
     let (worst, forged) = swarm.summary();
+    // The figures docs/security.md quotes (run with --nocapture).
+    eprintln!(
+        "honest relays: worst continuity {:.2} %, worst p99 arrival {:.0} ms, forged delivered {forged}",
+        worst * 100.0,
+        honest_p99(swarm)
+    );
     assert_eq!(forged, 0, "a forged chunk was delivered");
     assert!(worst >= min_continuity, "an honest relay's continuity fell to {worst:.4}");
 }
@@ -372,8 +378,24 @@ async fn replayed_old_chunks_are_never_delivered_again() {
     for (i, t) in swarm.tallies().iter().enumerate() {
         assert!(t.delivered.windows(2).all(|w| w[1] > w[0]), "relay {i} delivered a chunk twice or out of order");
     }
+    // Replays do not count as arrivals either: an 11 s old chunk counted would put the target's
+    // p99 arrival latency above 10 s (it did, before arrivals were taken from the state machine).
+    let p99 = swarm.relays[0].handle.stats().arrival_latency.p99_ms;
+    assert!(p99 < 5_000.0, "replays skewed the target's arrival latency to {p99:.0} ms");
     assert_honest_fine(&swarm, 1.0);
     adv.close();
+    swarm.stop().await;
+}
+
+/// The same small swarm as the attack tests, with nobody attacking: the baseline the figures in
+/// docs/security.md compare against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_without_attackers() {
+    let _serial = SERIAL.lock().await;
+    let mut swarm = Swarm::start(4, 9).await;
+    let last = swarm.publish(40).await;
+    swarm.settle(last, Duration::from_secs(5)).await;
+    assert_honest_fine(&swarm, 1.0);
     swarm.stop().await;
 }
 
