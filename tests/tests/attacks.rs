@@ -253,15 +253,18 @@ async fn a_burst_of_connection_attempts_does_not_stop_the_stream() {
 /// - a forger's ban sticks to the id it forged with (coming back under it is refused), and each new
 ///   id that forges is banned on its first forgery;
 /// - a liar that claims every chunk the moment it is published (so it looks like the best parent)
-///   and never sends one may be picked as a parent, but the relay goes on getting the stream
-///   elsewhere, and after it leaves nothing of it is left (the next id starts from nothing);
+///   and never sends one may be picked as a parent by the target, which joins as the attack starts
+///   and is still choosing; the target goes on getting the stream elsewhere, within its playback
+///   budget, and after the liar leaves nothing of it is left (the next id starts from nothing);
 /// - throughout, the target and the other honest relays keep playing, with nothing forged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_comes_back_under_new_node_ids_gains_nothing() {
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::start(5, 7).await;
     swarm.publish(6).await;
-    let target = swarm.relays[0].handle.node_addr();
+    // The target joins as the attack starts, so it is still choosing its parents.
+    let t = swarm.add_relay(7_777);
+    let target = swarm.relays[t].handle.node_addr();
     let stream = swarm.stream.id();
     let edge = swarm.live_edge();
     #[derive(Debug)]
@@ -308,8 +311,8 @@ async fn a_peer_that_comes_back_under_new_node_ids_gains_nothing() {
     let last = swarm.publish(8).await;
     swarm.settle(last, Duration::from_secs(5)).await;
     eprintln!("rounds: {rounds:?}");
-    let stats = swarm.relays[0].handle.stats();
-    let others_p99 = swarm.relays[1..].iter().map(|r| r.handle.stats().arrival_latency.p99_ms).fold(0.0, f64::max);
+    let stats = swarm.relays[t].handle.stats();
+    let others_p99 = swarm.relays[..t].iter().map(|r| r.handle.stats().arrival_latency.p99_ms).fold(0.0, f64::max);
     let (picked, asked): (usize, usize) = rounds
         .iter()
         .filter_map(|r| match r {
@@ -320,7 +323,7 @@ async fn a_peer_that_comes_back_under_new_node_ids_gains_nothing() {
     eprintln!(
         "target: continuity {:.4}, p99 arrival {:.0} ms (other relays: worst p99 {others_p99:.0} ms), bans {}; \
          liars subscribed to {picked} times, asked for {asked} chunks",
-        swarm.tallies()[0].continuity(),
+        swarm.tallies()[t].continuity(),
         stats.arrival_latency.p99_ms,
         stats.counters.bans,
     );
@@ -339,10 +342,17 @@ async fn a_peer_that_comes_back_under_new_node_ids_gains_nothing() {
         }
     }
     assert!(stats.counters.bans >= 4, "only {} bans at the target", stats.counters.bans);
+    // The first liar may catch the target while it is choosing parents and be subscribed to (0 to
+    // 4 substreams in the runs so far); the target then pulls what the liar never pushes. The
+    // target's p99 (about 550 ms, against about 70 ms at the others) is mostly its own join: its
+    // first chunks are fetched a target latency behind the live edge, with or without a liar. The
+    // bound: no worse than the others by more than the playback budget (target latency).
     let p99 = stats.arrival_latency.p99_ms;
+    let budget = crowdsurf_proto::swarm::Config::default().target_latency_us as f64 / 1000.0;
     assert!(
-        p99 <= (2.0 * others_p99).max(others_p99 + 250.0),
-        "the target's p99 arrival latency ({p99:.0} ms) fell far behind the other relays' ({others_p99:.0} ms)"
+        p99 <= others_p99 + budget,
+        "the target's p99 arrival latency ({p99:.0} ms) fell more than the target latency ({budget:.0} ms) \
+         behind the other relays' ({others_p99:.0} ms)"
     );
     assert_honest_fine(&swarm, 0.995);
     swarm.stop().await;
