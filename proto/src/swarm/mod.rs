@@ -388,6 +388,8 @@ pub struct Swarm {
     stranded_since: Vec<Option<Time>>,
     /// Per substream: since when our parent has had no path to the origin itself.
     parent_cut_since: Vec<Option<Time>>,
+    /// Per substream: when to look again for a better parent than the working one.
+    parent_review_at: Vec<Time>,
     /// On the origin: payload bytes published.
     published_bytes: u64,
     /// Chunk streams handed to the driver and not yet reported sent.
@@ -438,6 +440,7 @@ impl Swarm {
             feasible: vec![NO_DEPTH; k],
             stranded_since: vec![None; k],
             parent_cut_since: vec![None; k],
+            parent_review_at: vec![0; k],
             published_bytes: 0,
             uploads_in_flight: 0,
             counters: Counters::default(),
@@ -1574,10 +1577,23 @@ impl Swarm {
         }
     }
 
-    /// More children we would take in substream `s` now (the rules of `on_subscribe`).
-    fn spare(&self, s: usize) -> u8 {
-        let s16 = s as u16;
-        let taken_here = self.neighbours.values().filter(|n| n.child_of.contains(&s16)).count();
+    /// Children per substream, counted in one pass over the neighbours.
+    fn children_per_substream(&self) -> Vec<usize> {
+        let mut per = vec![0usize; self.parents.len()];
+        for n in self.neighbours.values() {
+            for &s in &n.child_of {
+                if let Some(c) = per.get_mut(usize::from(s)) {
+                    *c += 1;
+                }
+            }
+        }
+        per
+    }
+
+    /// More children we would take in substream `s` now (the rules of `on_subscribe`), given the
+    /// children per substream.
+    fn spare(&self, s: usize, per: &[usize]) -> u8 {
+        let taken_here = per.get(s).copied().unwrap_or(0);
         let spare = if self.config.role == Role::Origin {
             let free = self.config.origin_fanout.saturating_sub(taken_here);
             if free == 0 && self.tier_open[s] { 1 } else { free }
@@ -1586,19 +1602,17 @@ impl Swarm {
             if self.config.push_slots == 0 {
                 0
             } else {
-                self.config.push_slots.saturating_sub(self.children()).min(per_substream.saturating_sub(taken_here))
+                let taken: usize = per.iter().sum();
+                self.config.push_slots.saturating_sub(taken).min(per_substream.saturating_sub(taken_here))
             }
         };
         spare.min(usize::from(u8::MAX)) as u8
     }
 
     fn tree_places(&self) -> Vec<TreePlace> {
+        let per = self.children_per_substream();
         (0..self.parents.len())
-            .map(|s| {
-                let s16 = s as u16;
-                let children = self.neighbours.values().filter(|n| n.child_of.contains(&s16)).count();
-                TreePlace { depth: self.depth(s), children: children.min(255) as u8, spare: self.spare(s) }
-            })
+            .map(|s| TreePlace { depth: self.depth(s), children: per[s].min(255) as u8, spare: self.spare(s, &per) })
             .collect()
     }
 
@@ -1631,10 +1645,11 @@ impl Swarm {
     /// elsewhere.
     fn choose_parents(&mut self, now: Time) {
         let k = self.parents.len();
+        let per = self.children_per_substream();
         for s in 0..k {
             self.refused[s].retain(|_, until| *until > now);
             let s16 = s as u16;
-            let has_children = self.neighbours.values().any(|n| n.child_of.contains(&s16));
+            let has_children = per[s] > 0;
             let depth = self.depth(s);
             if !has_children {
                 self.feasible[s] = NO_DEPTH;
@@ -1664,6 +1679,22 @@ impl Swarm {
                 } else {
                     continue;
                 }
+            }
+            if let Some(p) = self.parents[s] {
+                // A working parent is reviewed now and then, not every tick (it is the hot path of
+                // a large simulation): at once when it has lost its own path, else after the dwell.
+                let parent_depth = self.neighbours.get(&p).and_then(|n| n.tree_place(s)).map_or(NO_DEPTH, |t| t.depth);
+                let cut_off = if parent_depth == NO_DEPTH {
+                    now >= *self.parent_cut_since[s].get_or_insert(now) + PARENT_CUT_PATIENCE_US
+                } else {
+                    self.parent_cut_since[s] = None;
+                    false
+                };
+                let settled = now >= self.parent_since[s] + self.config.parent_min_dwell_us;
+                if !(cut_off || settled && now >= self.parent_review_at[s]) {
+                    continue;
+                }
+                self.parent_review_at[s] = now + PARENT_REVIEW_US;
             }
             let bound = self.feasible[s];
             let best = self
@@ -1704,13 +1735,8 @@ impl Swarm {
                 let score = n.push_lag(s).unwrap_or(0).max(n.lag_score(s));
                 let settled = now >= self.parent_since[s] + self.config.parent_min_dwell_us;
                 // A parent that lost its own parent usually finds another within a round trip or
-                // two: give it a moment before the whole subtree moves.
-                let cut_off = if parent_depth == NO_DEPTH {
-                    now >= *self.parent_cut_since[s].get_or_insert(now) + PARENT_CUT_PATIENCE_US
-                } else {
-                    self.parent_cut_since[s] = None;
-                    false
-                };
+                // two: it was given a moment (above) before the whole subtree moves.
+                let cut_off = parent_depth == NO_DEPTH;
                 let shallower = u16::from(best_depth) + 1 < u16::from(parent_depth);
                 let earlier = best_depth <= parent_depth
                     && score > best_score.saturating_add(self.config.parent_switch_margin_us);
@@ -1811,6 +1837,9 @@ const TREE_INTERVAL_US: Time = 100_000;
 
 /// How long a parent may have no path to the origin before its children look elsewhere, µs.
 const PARENT_CUT_PATIENCE_US: Time = 1_000_000;
+
+/// How often a working parent is compared with the other candidates, µs.
+const PARENT_REVIEW_US: Time = 250_000;
 
 /// How long a node with children may go without a parent it may take before it releases them, µs.
 const STRANDED_US: Time = 2_000_000;
