@@ -1649,7 +1649,7 @@ impl Swarm {
         for s in 0..k {
             self.refused[s].retain(|_, until| *until > now);
             let s16 = s as u16;
-            let has_children = per[s] > 0;
+            let has_children = per.get(s).is_some_and(|&c| c > 0);
             let depth = self.depth(s);
             if !has_children {
                 self.feasible[s] = NO_DEPTH;
