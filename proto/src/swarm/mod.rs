@@ -988,7 +988,11 @@ impl Swarm {
             served.push(chunk.clone());
         }
         for chunk in served {
-            if self.upload_queue() >= self.config.max_upload_queue {
+            // Fairness: one neighbour may hold at most half the repair queue, so a greedy one (even
+            // within its request budget) cannot keep everyone else's repairs waiting.
+            let share = (self.config.max_upload_queue / 2).max(1);
+            let mine = self.neighbours.get(&conn).map_or(0, |n| n.uploads);
+            if self.upload_queue() >= self.config.max_upload_queue || mine >= share {
                 self.counters.requests_declined += 1;
                 self.send(conn, Message::Cancel { seq: chunk.seq() });
                 continue;
@@ -1873,3 +1877,58 @@ fn approx_frame_len(m: &Message) -> usize {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fairness {
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::chunk::Flags;
+    use crate::keys::{NodeKey, StreamKey};
+
+    fn hello(stream: StreamId, node: NodeId) -> Message {
+        Message::Hello(Hello {
+            version: crate::PROTOCOL_VERSION,
+            stream,
+            node,
+            role: Role::Relay,
+            listen: Vec::new(),
+            have: crate::window::BufferMap::empty(0),
+        })
+    }
+
+    /// A neighbour that asks for a whole window at once fills at most half our repair queue; another
+    /// neighbour's request that arrives right after is still answered.
+    #[test]
+    fn a_greedy_neighbour_cannot_take_the_whole_repair_queue() {
+        let stream_key = StreamKey::from_secret_bytes([1; 32]);
+        let me = NodeKey::from_secret_bytes([2; 32]).id();
+        let mut swarm = Swarm::new(Config::default(), stream_key.id(), me);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        let (source, greedy, honest) = (ConnId(1), ConnId(2), ConnId(3));
+        for (conn, seed) in [(source, 3u8), (greedy, 4), (honest, 5)] {
+            let node = NodeKey::from_secret_bytes([seed; 32]).id();
+            swarm.handle_connected(0, conn, node, addr, false);
+            swarm.handle_message(0, conn, hello(stream_key.id(), node));
+        }
+        let now = 10_000_000;
+        for seq in 100..120u64 {
+            let chunk = Verified::sign(&stream_key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            swarm.handle_chunk(now, source, chunk);
+        }
+        while swarm.poll_output().is_some() {}
+        swarm.handle_message(now, greedy, Message::Request { seqs: (100..120).collect() });
+        swarm.handle_message(now, honest, Message::Request { seqs: vec![110] });
+        let mut sent = HashMap::new();
+        while let Some(out) = swarm.poll_output() {
+            if let Output::SendChunk { conn, .. } = out {
+                *sent.entry(conn).or_insert(0) += 1;
+            }
+        }
+        let share = Config::default().max_upload_queue / 2;
+        assert!(sent.get(&greedy).copied().unwrap_or(0) <= share, "greedy neighbour got {sent:?}");
+        assert_eq!(sent.get(&honest).copied(), Some(1), "the other neighbour was not served: {sent:?}");
+    }
+}
