@@ -607,6 +607,7 @@ impl Swarm {
     pub fn handle_message(&mut self, now: Time, conn: ConnId, message: Message) {
         let Some(n) = self.neighbours.get_mut(&conn) else { return };
         n.stats.messages_received += 1;
+        n.last_heard = now;
         if !n.hello_done() {
             match message {
                 Message::Hello(hello) => self.on_hello(now, conn, hello),
@@ -701,6 +702,7 @@ impl Swarm {
             n.stats.chunks_received += 1;
             n.stats.bytes_received += bytes as u64;
             n.last_useful = now;
+            n.last_heard = now;
         }
         if news {
             self.note_news(now, conn, seq);
@@ -1444,10 +1446,13 @@ impl Swarm {
                 })
                 .map(|(c, n)| {
                     let load = n.requests_out + batches.get(c).map_or(0, Vec::len);
-                    // The origin serves repair only when nobody else can; among the rest, one that
+                    // A neighbour we have not heard from for a while may be gone (cut off, crashed:
+                    // QUIC takes seconds to say so); a request to it would eat most of the budget.
+                    // Then: the origin serves repair only when nobody else can; among the rest, one that
                     // has delivered before (an unproven one may be a free rider), the least loaded,
                     // then a random one, so repair load spreads instead of piling on one node.
-                    ((n.role == Role::Origin, n.credit <= 0, load, self.rng.u32(..)), *c)
+                    let silent = now.saturating_sub(n.last_heard) > SILENT_US;
+                    ((silent, n.role == Role::Origin, n.credit <= 0, load, self.rng.u32(..)), *c)
                 })
                 .min()
                 .map(|(_, c)| c);
@@ -1841,6 +1846,10 @@ const TREE_INTERVAL_US: Time = 100_000;
 
 /// How long a parent may have no path to the origin before its children look elsewhere, µs.
 const PARENT_CUT_PATIENCE_US: Time = 1_000_000;
+
+/// A neighbour silent for longer than this is asked for repair only when no other holder is left, µs.
+/// Live neighbours announce every chunk, several times a second.
+const SILENT_US: Time = 500_000;
 
 /// How often a working parent is compared with the other candidates, µs.
 const PARENT_REVIEW_US: Time = 250_000;

@@ -78,6 +78,8 @@ pub(crate) struct Neighbour {
     pub(crate) outbound: bool,
     pub(crate) since: Time,
     pub(crate) last_useful: Time,
+    /// When it last sent us anything (a message or a chunk).
+    pub(crate) last_heard: Time,
     /// Sequence numbers it has (announced, sent to us, or sent by us).
     pub(crate) have: Window<()>,
     /// Substreams it subscribed to from us.
@@ -120,6 +122,7 @@ impl Neighbour {
             outbound,
             since: now,
             last_useful: now,
+            last_heard: now,
             // Twice the window, so announcements slightly ahead of ours still fit.
             have: Window::new(window * 2, 0),
             child_of: BTreeSet::new(),
