@@ -1064,7 +1064,7 @@ impl Swarm {
                 } else {
                     // Spread the slots over the substreams: a chunk pushed to many children at once
                     // makes the last of them wait for all the others on our uplink.
-                    let per_substream = self.config.push_slots / usize::from(self.config.substreams) + 1;
+                    let per_substream = self.per_substream_cap();
                     taken >= self.config.push_slots
                         || taken_here >= per_substream
                         || self.parents.get(usize::from(substream)) == Some(&Some(conn))
@@ -1528,7 +1528,6 @@ impl Swarm {
     /// substream that has had no child for two seconds: a small swarm), in one of the least-served
     /// substreams, so one free rider or one departure hurts fewer substreams.
     fn origin_may_take(&self, now: Time, conn: ConnId, substream: u16) -> bool {
-        let k = usize::from(self.config.substreams);
         let held = self.neighbours.get(&conn).map_or(0, |n| n.child_of.len());
         // A second slot only for a substream nobody else has taken for a while (a small swarm).
         let starved =
@@ -1536,14 +1535,7 @@ impl Swarm {
         if held >= self.config.origin_slots_per_node && !starved {
             return false;
         }
-        let mut per = vec![0usize; k];
-        for n in self.neighbours.values() {
-            for &s in &n.child_of {
-                if let Some(c) = per.get_mut(usize::from(s)) {
-                    *c += 1;
-                }
-            }
-        }
+        let per = self.children_per_substream();
         let least = per.iter().copied().min().unwrap_or(0);
         per.get(usize::from(substream)).is_some_and(|&c| c <= least || c >= self.config.origin_fanout)
     }
@@ -1586,6 +1578,12 @@ impl Swarm {
         }
     }
 
+    /// Most children a relay takes in one substream: its slots spread over the substreams, since a
+    /// chunk pushed to many children at once makes the last of them wait for all the others.
+    fn per_substream_cap(&self) -> usize {
+        self.config.push_slots / usize::from(self.config.substreams) + 1
+    }
+
     /// Children per substream, counted in one pass over the neighbours.
     fn children_per_substream(&self) -> Vec<usize> {
         let mut per = vec![0usize; self.parents.len()];
@@ -1607,7 +1605,7 @@ impl Swarm {
             let free = self.config.origin_fanout.saturating_sub(taken_here);
             if free == 0 && self.tier_open[s] { 1 } else { free }
         } else {
-            let per_substream = self.config.push_slots / usize::from(self.config.substreams) + 1;
+            let per_substream = self.per_substream_cap();
             if self.config.push_slots == 0 {
                 0
             } else {
