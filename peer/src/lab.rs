@@ -23,6 +23,7 @@
 //! means to measure.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crowdsurf_proto::wire::Role;
@@ -32,7 +33,7 @@ use crate::net::LinkModel;
 use crate::node::{Node, NodeConfig, NodeHandle};
 use crate::report::{Event, PeerRaw, Report, RunTotals, Scenario};
 use crate::source::SyntheticSource;
-use crate::stats::NodeStats;
+use crate::stats::{LatencySummary, NodeStats};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -108,7 +109,8 @@ struct Peer {
     upload_bps: Option<u64>,
     joined: Instant,
     left: Option<Instant>,
-    first_delivery: Option<Instant>,
+    /// Set by the peer's delivery reader the moment its first chunk is handed on.
+    first_delivery: Arc<OnceLock<Instant>>,
     abort: tokio::task::AbortHandle,
     final_stats: Option<NodeStats>,
 }
@@ -184,18 +186,19 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     tasks.spawn(async move {
         let _ = origin_node.run().await;
     });
+    let lag = Arc::new(std::sync::Mutex::new(
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .unwrap_or_else(|_| unreachable!("static bounds are valid")),
+    ));
+    tasks.spawn(sample_scheduler_lag(lag.clone()));
     let cpu_start = process_cpu_seconds();
     let start = Instant::now();
     let start_us = now_us();
     let mut events: Vec<Event> = Vec::new();
     let mut peers: Vec<Peer> = Vec::new();
-    let mut deliveries = Vec::new();
     let mut next_key = 1u64;
     let mut upload_rng = fastrand::Rng::with_seed(cfg.seed ^ 0x0b10ad);
-    let mut join = |tasks: &mut tokio::task::JoinSet<()>,
-                    peers: &mut Vec<Peer>,
-                    deliveries: &mut Vec<tokio::sync::mpsc::UnboundedReceiver<crate::Delivery>>|
-     -> Result<(), crate::NodeError> {
+    let mut join = |tasks: &mut tokio::task::JoinSet<()>, peers: &mut Vec<Peer>| -> Result<(), crate::NodeError> {
         let mut c = NodeConfig::new(NodeKey::from_secret_bytes(key(cfg.seed, next_key)), stream_id, loopback);
         c.swarm.seed = cfg.seed ^ next_key;
         next_key += 1;
@@ -213,24 +216,27 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         let upload_bps = upload_bps.or(cfg.max_upload.map(|b| b * 8));
         c.bootstrap = vec![boot.clone()];
         let (mut node, handle) = Node::bind(c)?;
-        let rx = node.take_deliveries().unwrap_or_else(|| unreachable!("taken once, right here"));
+        let mut rx = node.take_deliveries().unwrap_or_else(|| unreachable!("taken once, right here"));
+        let joined = Instant::now();
         let abort = tasks.spawn(async move {
             let _ = node.run().await;
         });
-        peers.push(Peer {
-            handle,
-            upload_bps,
-            joined: Instant::now(),
-            left: None,
-            first_delivery: None,
-            abort,
-            final_stats: None,
+        // Startup is timed by a reader of its own, woken by the delivery itself: the main loop below
+        // only wakes every 200 to 250 ms, which put up to 200 ms on a startup of under a second.
+        let first_delivery = Arc::new(OnceLock::new());
+        let first = first_delivery.clone();
+        tasks.spawn(async move {
+            while let Some(d) = rx.recv().await {
+                if matches!(d, crate::Delivery::Chunk(_)) && first.get().is_none() {
+                    let _ = first.set(Instant::now());
+                }
+            }
         });
-        deliveries.push(rx);
+        peers.push(Peer { handle, upload_bps, joined, left: None, first_delivery, abort, final_stats: None });
         Ok(())
     };
     for _ in 0..cfg.peers {
-        join(&mut tasks, &mut peers, &mut deliveries)?;
+        join(&mut tasks, &mut peers)?;
     }
     let first_seq = now_us() / 1000;
     let mut source = SyntheticSource::new(stream, first_seq, cfg.chunk_ms, cfg.bitrate_bps, cfg.random_access_every);
@@ -262,7 +268,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
                         p.left = Some(Instant::now());
                         events.push(Event { t_s: start.elapsed().as_secs_f64(), kind: "leave" });
                     }
-                    join(&mut tasks, &mut peers, &mut deliveries)?;
+                    join(&mut tasks, &mut peers)?;
                     events.push(Event { t_s: start.elapsed().as_secs_f64(), kind: "join" });
                 }
                 let elapsed = start.elapsed();
@@ -273,7 +279,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
                         events.push(Event { t_s: elapsed.as_secs_f64(), kind: "flash" });
                     }
                     while flash_joined < due {
-                        join(&mut tasks, &mut peers, &mut deliveries)?;
+                        join(&mut tasks, &mut peers)?;
                         flash_joined += 1;
                     }
                 }
@@ -289,23 +295,9 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
                 );
             }
         }
-        for (i, rx) in deliveries.iter_mut().enumerate() {
-            while let Ok(d) = rx.try_recv() {
-                if matches!(d, crate::Delivery::Chunk(_)) && peers[i].first_delivery.is_none() {
-                    peers[i].first_delivery = Some(Instant::now());
-                }
-            }
-        }
     }
     // Let the last chunks land (one target latency), then collect.
     tokio::time::sleep(cfg.latency).await;
-    for (i, rx) in deliveries.iter_mut().enumerate() {
-        while let Ok(d) = rx.try_recv() {
-            if matches!(d, crate::Delivery::Chunk(_)) && peers[i].first_delivery.is_none() {
-                peers[i].first_delivery = Some(Instant::now());
-            }
-        }
-    }
     let cpu = process_cpu_seconds() - cpu_start;
     let origin_stats = origin.stats();
     let link_delay_us = cfg.link_delay.as_micros() as u64;
@@ -318,7 +310,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
                 node: stats.node.clone(),
                 joined_at_s: (p.joined - start).as_secs_f64(),
                 left_at_s: p.left.map(|l| (l - start).as_secs_f64()),
-                startup_s: p.first_delivery.map(|f| (f - p.joined).as_secs_f64()),
+                startup_s: p.first_delivery.get().map(|f| (*f - p.joined).as_secs_f64()),
                 arrivals: p
                     .handle
                     .stats_cell()
@@ -361,7 +353,8 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         cpu_per_peer: Some(cpu / cfg.duration.as_secs_f64() / peers.len().max(1) as f64),
         wall_s: start.elapsed().as_secs_f64(),
     };
-    let report = Report::build("lab", scenario, &totals, &raw, events);
+    let mut report = Report::build("lab", scenario, &totals, &raw, events);
+    report.scheduler_lag = Some(LatencySummary::of(&lag.lock().unwrap_or_else(|p| p.into_inner())));
     origin.shutdown();
     for p in &peers {
         p.handle.shutdown();
@@ -369,6 +362,20 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     let _ = tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} }).await;
     tasks.shutdown().await;
     Ok(report)
+}
+
+/// How often the scheduler-lag probe wakes.
+const LAG_PROBE: Duration = Duration::from_millis(10);
+
+/// Records, until aborted, how much later than asked a [`LAG_PROBE`] sleep ends (µs): the time a
+/// ready task waits for one of the runtime's workers, plus the timer's millisecond granularity.
+async fn sample_scheduler_lag(into: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>) {
+    loop {
+        let asked = Instant::now();
+        tokio::time::sleep(LAG_PROBE).await;
+        let late = asked.elapsed().saturating_sub(LAG_PROBE).as_micros() as u64;
+        into.lock().unwrap_or_else(|p| p.into_inner()).saturating_record(late.max(1));
+    }
 }
 
 /// CPU seconds (user + system) used by this process so far; 0 where /proc is not available.

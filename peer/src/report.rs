@@ -52,6 +52,10 @@ pub struct Event {
 }
 
 /// Raw figures of one peer, as the lab or the simulator collects them.
+///
+/// Both list the peers in the order they joined: the first [`Scenario::peers`] are the ones present
+/// at the start, the rest are **joiners** (churn replacements, flash crowds), whose startup the report
+/// gives separately.
 #[derive(Debug, Clone, Default)]
 pub struct PeerRaw {
     /// Short node id.
@@ -136,6 +140,17 @@ pub struct Report {
     pub startup_p50_s: f64,
     /// Slowest startup, seconds.
     pub startup_max_s: f64,
+    /// Honest peers that joined after the start (churn, flash crowd).
+    pub joiners: usize,
+    /// Joiners' startup (join to first delivery) p50, seconds; 0 without joiners.
+    pub joiner_startup_p50_s: f64,
+    /// Joiners' startup p99, seconds.
+    pub joiner_startup_p99_s: f64,
+    /// The slowest joiner's startup, seconds.
+    pub joiner_startup_max_s: f64,
+    /// Joiners present at the end that never delivered a chunk although they joined at least
+    /// [`STARTUP_GRACE_S`] before the stream ended (not counted in the startups).
+    pub joiners_never_started: usize,
     /// The origin's chunk upload / stream bytes.
     pub origin_upload_ratio: f64,
     /// Duplicates / chunks stored.
@@ -154,6 +169,10 @@ pub struct Report {
     pub bound_ratio_p99: f64,
     /// Process CPU per peer, share of one core (lab only).
     pub cpu_per_peer: Option<f64>,
+    /// Lab only: how late a 10 ms timer fired in the lab's runtime, sampled all through the run. All
+    /// nodes share the process's cores, so when it is more than a few ms the nodes were waiting for a
+    /// CPU and the lab's latency measures the machine, not the swarm (the simulator has no CPU cost).
+    pub scheduler_lag: Option<LatencySummary>,
     /// Wall-clock seconds the run took (interesting for the simulator).
     pub wall_s: f64,
     /// Latency CDF points: (ms, share of chunks at or below).
@@ -184,6 +203,10 @@ pub struct RunTotals {
     /// Wall seconds.
     pub wall_s: f64,
 }
+
+/// A joiner that has not delivered a chunk this long after joining counts as never started (one that
+/// joined later than this before the end is not judged).
+pub const STARTUP_GRACE_S: f64 = 2.0;
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!("static bounds are valid"))
@@ -298,6 +321,15 @@ impl Report {
         ratios.sort_by(f64::total_cmp);
         let mut startups: Vec<f64> = honest.iter().filter_map(|p| p.startup_s).collect();
         startups.sort_by(f64::total_cmp);
+        let joiners: Vec<&PeerRaw> = peers.iter().skip(scenario.peers).filter(|p| !p.adversary).collect();
+        let mut joiner_startups: Vec<f64> = joiners.iter().filter_map(|p| p.startup_s).collect();
+        joiner_startups.sort_by(f64::total_cmp);
+        let joiners_never_started = joiners
+            .iter()
+            .filter(|p| {
+                p.startup_s.is_none() && p.left_at_s.is_none() && p.joined_at_s + STARTUP_GRACE_S <= scenario.duration_s
+            })
+            .count();
         let delivered: u64 = present.iter().map(|p| p.delivered).sum();
         let skipped: u64 = present.iter().map(|p| p.skipped).sum();
         let continuity_min = present
@@ -320,6 +352,11 @@ impl Report {
             skipped_total: skipped,
             startup_p50_s: percentile(&startups, 0.5),
             startup_max_s: startups.last().copied().unwrap_or(0.0),
+            joiners: joiners.len(),
+            joiner_startup_p50_s: percentile(&joiner_startups, 0.5),
+            joiner_startup_p99_s: percentile(&joiner_startups, 0.99),
+            joiner_startup_max_s: joiner_startups.last().copied().unwrap_or(0.0),
+            joiners_never_started,
             origin_upload_ratio: ratio(totals.origin_bytes_up, totals.published * totals.chunk_bytes),
             duplicate_ratio: ratio(dups, push + pull),
             push_share: ratio(push, push + pull),
@@ -333,6 +370,7 @@ impl Report {
             bound_ratio_p50: percentile(&ratios, 0.5),
             bound_ratio_p99: percentile(&ratios, 0.99),
             cpu_per_peer: totals.cpu_per_peer,
+            scheduler_lag: None,
             wall_s: totals.wall_s,
             latency_cdf,
             latency_over_time,
@@ -341,9 +379,9 @@ impl Report {
         }
     }
 
-    /// One line for the terminal.
+    /// One line for the terminal (with the joiners' startup when peers joined after the start).
     pub fn headline(&self) -> String {
-        format!(
+        let mut line = format!(
             "arrival latency p50 {:.0} ms p90 {:.0} ms p99 {:.0} ms max {:.0} ms | continuity {:.3} % (min {:.3} %) | origin upload {:.2}x | duplicates {:.2} % | push {:.1} % | depth mean {:.1} max {} | startup p50 {:.2} s max {:.2} s",
             self.arrival_latency.p50_ms,
             self.arrival_latency.p90_ms,
@@ -358,7 +396,21 @@ impl Report {
             self.depth_max,
             self.startup_p50_s,
             self.startup_max_s,
-        )
+        );
+        if let Some(lag) = &self.scheduler_lag {
+            line.push_str(&format!(" | scheduler lag p99 {:.1} ms max {:.0} ms", lag.p99_ms, lag.max_ms));
+        }
+        if self.joiners > 0 {
+            line.push_str(&format!(
+                " | joiners {}: startup p50 {:.2} s p99 {:.2} s max {:.2} s, {} never started",
+                self.joiners,
+                self.joiner_startup_p50_s,
+                self.joiner_startup_p99_s,
+                self.joiner_startup_max_s,
+                self.joiners_never_started,
+            ));
+        }
+        line
     }
 
     /// Writes the report as pretty JSON.
