@@ -53,4 +53,4 @@ fuzz:
 
 ## trust: lab (100 real QUIC peers over emulated 20 ms links) against the simulator on the same scenario
 trust:
-	cargo test -p crowdsurf-peer --test trust -- --ignored --nocapture
+	cargo test --release -p crowdsurf-peer --test trust -- --ignored --nocapture
