@@ -207,8 +207,11 @@ pub struct Sim {
     cfg: SimConfig,
     rng: fastrand::Rng,
     now: Time,
-    queue: BinaryHeap<Reverse<(Time, u64)>>,
-    events: HashMap<u64, Event>,
+    /// Pending events by (time, order of scheduling, slot in `events`): ties go in scheduling order.
+    queue: BinaryHeap<Reverse<(Time, u64, u32)>>,
+    /// Event bodies, by slot (a slab: the hot loop neither hashes nor moves them).
+    events: Vec<Option<Event>>,
+    free_slots: Vec<u32>,
     next_event: u64,
     nodes: Vec<SimNode>,
     by_id: HashMap<NodeId, usize>,
@@ -257,7 +260,8 @@ impl Sim {
             rng: fastrand::Rng::with_seed(cfg.seed ^ 0x5eed),
             now: 1_700_000_000_000_000,
             queue: BinaryHeap::new(),
-            events: HashMap::new(),
+            events: Vec::new(),
+            free_slots: Vec::new(),
             next_event: 0,
             nodes: Vec::new(),
             by_id: HashMap::new(),
@@ -316,8 +320,17 @@ impl Sim {
     fn schedule(&mut self, at: Time, event: Event) {
         let id = self.next_event;
         self.next_event += 1;
-        self.events.insert(id, event);
-        self.queue.push(Reverse((at, id)));
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.events[slot as usize] = Some(event);
+                slot
+            }
+            None => {
+                self.events.push(Some(event));
+                (self.events.len() - 1) as u32
+            }
+        };
+        self.queue.push(Reverse((at, id, slot)));
     }
 
     fn delay(&mut self, a: usize, b: usize) -> Time {
@@ -362,11 +375,12 @@ impl Sim {
     /// Runs to the end and returns what every node saw.
     pub fn run(mut self) -> SimResult {
         let end = self.now + self.cfg.duration_us + 1_500_000;
-        while let Some(Reverse((at, id))) = self.queue.pop() {
+        while let Some(Reverse((at, _, slot))) = self.queue.pop() {
             if at > end {
                 break;
             }
-            let Some(event) = self.events.remove(&id) else { continue };
+            let Some(event) = self.events[slot as usize].take() else { continue };
+            self.free_slots.push(slot);
             self.now = at;
             self.out.events += 1;
             self.handle(event);
