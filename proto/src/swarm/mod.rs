@@ -23,7 +23,8 @@
 //!   earliest (a moving average of their lag behind the first news of each chunk). A feasibility
 //!   bound on the parent's depth keeps the trees free of loops (see `docs/protocol.md`). A parent
 //!   that lags, refuses or loses its own path to the origin is replaced. Children that relay are
-//!   pushed to first. A node accepts at
+//!   pushed to first, and a full parent lets a leaf child (one that cannot relay) go when a relay
+//!   asks, so relays sit high in the trees and leaves at their edges. A node accepts at
 //!   most [`Config::push_slots`] child subscriptions (its upload budget in substreams); the origin only
 //!   [`Config::origin_fanout`] per substream, which keeps its upload a small constant multiple of the
 //!   bitrate however large the audience.
@@ -55,8 +56,10 @@
 //!   parent (whether or not the parent had announced it), so a parent that is itself starved is
 //!   replaced, not only one that announces and withholds. A push from the parent resets the count.
 //! - **Credit and distrust.** Each neighbour has a credit: +1 for each chunk it sends us, −1 for each
-//!   request of ours it lets time out and for each push it announced but did not make as our parent.
-//!   At −3 it is distrusted for 15 s: its announcements are ignored (not news, not a holder to
+//!   request of ours it lets time out. A parent whose push is merely late is not charged: on a
+//!   constrained uplink pushes queue behind each other, and distrusting a slow but honest parent
+//!   dropped it for 30 s and moved its whole subtree (misses, above, replace a parent that keeps
+//!   failing). At −3 it is distrusted for 15 s: its announcements are ignored (not news, not a holder to
 //!   request from, not a parent candidate), and it comes back one failure away from distrust. Repair
 //!   requests prefer neighbours with positive credit, i.e. ones that have delivered before, so an
 //!   unproven node (possibly a free rider) is asked only when nobody proven has the chunk. The
@@ -67,8 +70,9 @@
 //!   ago mean that substream's first tier is not spreading. The origin serves one such copy per chunk
 //!   beyond its repair budget (`origin_free_repairs`), and declines the rest with `Cancel` so the
 //!   requester asks elsewhere at once. When, within 2 s, `origin_rotate_demand` distinct nodes asked
-//!   for late chunks of one substream, or two distinct late chunks of it were asked for, the
-//!   substream is *opened*: the next node that subscribes to it takes the longest-held slot (held for
+//!   for late chunks of one substream, the substream is *opened* (one node asking for two late
+//!   chunks used to be enough; in a swarm of slow uplinks that rotated a working first tier every
+//!   few seconds and orphaned its subtrees): the next node that subscribes to it takes the longest-held slot (held for
 //!   at least 2 s), and the released child may not take that substream again for 30 s. Rotations are
 //!   at least 3 s apart per substream. A working child is thus only replaced by a node that wants the
 //!   slot, never left empty.
@@ -877,7 +881,7 @@ impl Swarm {
         if !peers.is_empty() {
             self.send(conn, Message::Peers(peers));
         }
-        let places = self.tree_places();
+        let places = self.tree_places(now);
         self.send(conn, Message::Tree(places));
         self.next_tick = Some(now);
     }
@@ -1059,15 +1063,17 @@ impl Swarm {
                     on_probation
                         || !self.origin_may_take(now, conn, substream)
                         || taken_here >= self.config.origin_fanout
+                            && !self.evict_leaf_for(now, conn, substream)
                             && !(self.tier_open.get(usize::from(substream)) == Some(&true)
                                 && self.release_tier_slot(now, usize::from(substream)))
                 } else {
                     // Spread the slots over the substreams: a chunk pushed to many children at once
                     // makes the last of them wait for all the others on our uplink.
                     let per_substream = self.per_substream_cap();
-                    taken >= self.config.push_slots
-                        || taken_here >= per_substream
-                        || self.parents.get(usize::from(substream)) == Some(&Some(conn))
+                    self.parents.get(usize::from(substream)) == Some(&Some(conn))
+                        || self.config.push_slots == 0
+                        || (taken >= self.config.push_slots || taken_here >= per_substream)
+                            && !self.evict_leaf_for(now, conn, substream)
                 }
         };
         if refuse {
@@ -1094,6 +1100,36 @@ impl Swarm {
             let p = urgency(newest, chunk.seq());
             self.send_chunk(conn, chunk, p);
         }
+    }
+
+    /// Full in `substream`, asked by `conn`: when `conn` can relay there and one of our children
+    /// there cannot (it has no room for children of its own and none), lets that leaf go so the
+    /// relay takes its place. Relays high in the tree and leaves at the bottom make the tree
+    /// shallower for everyone; the leaf re-attaches further down at no cost to anyone below it.
+    fn evict_leaf_for(&mut self, now: Time, conn: ConnId, substream: u16) -> bool {
+        let s = usize::from(substream);
+        let relay =
+            self.neighbours.get(&conn).and_then(|n| n.tree_place(s)).is_some_and(|p| p.spare > 0 || p.children > 0);
+        if !relay {
+            return false;
+        }
+        let leaf = self
+            .neighbours
+            .iter()
+            .filter(|(_, n)| n.child_of.contains(&substream))
+            .filter(|(_, n)| n.tree_place(s).is_some_and(|p| p.spare == 0 && p.children == 0))
+            .filter_map(|(c, n)| Some((*n.child_since.get(&substream)?, *c)))
+            .filter(|(since, _)| now >= since + LEAF_TENURE_US)
+            .min();
+        let Some((_, leaf)) = leaf else { return false };
+        if let Some(n) = self.neighbours.get_mut(&leaf) {
+            n.child_of.remove(&substream);
+            n.child_since.remove(&substream);
+            n.released.retain(|_, until| *until > now);
+            n.released.insert(substream, now + LEAF_RELEASE_US);
+        }
+        self.send(leaf, Message::Unsubscribe { substream });
+        true
     }
 
     fn on_unsubscribe(&mut self, now: Time, conn: ConnId, substream: u16) {
@@ -1213,26 +1249,28 @@ impl Swarm {
             if Some(conn) == from || n.have.contains(seq) {
                 continue;
             }
-            if n.child_of.contains(&substream) {
+            if n.child_of.contains(&substream) || n.released.get(&substream).is_some_and(|&until| now < until) {
                 children.push(conn);
             }
             self.send(conn, Message::Have { seq });
         }
         // Children that relay go first: the chunk reaches their subtrees a whole transmission
         // earlier, and leaves lose only that one transmission (as in a binomial broadcast tree).
+        // A leaf let go for a relay (still pushed to while it moves) comes after the real children.
         children.sort_by_key(|c| {
-            std::cmp::Reverse(
-                self.neighbours.get(c).and_then(|n| n.tree_place(usize::from(substream))).map_or(0, |p| p.children),
-            )
+            let n = self.neighbours.get(c);
+            let released = n.is_none_or(|n| !n.child_of.contains(&substream));
+            let grandchildren = n.and_then(|n| n.tree_place(usize::from(substream))).map_or(0, |p| p.children);
+            (released, std::cmp::Reverse(grandchildren))
         });
-        for conn in children {
+        for (place, conn) in children.into_iter().enumerate() {
             if self.neighbours.get(&conn).is_some_and(|n| n.uploads >= STUCK_UPLOADS) {
                 // A child that does not take what we send (a slow or hostile reader) would tie up our
                 // uplink and queue chunks without end: stop pushing to it; it can subscribe elsewhere.
                 self.drop_child(conn);
                 continue;
             }
-            self.send_chunk(conn, chunk.clone(), PUSH_PRIORITY + urgency(newest, seq));
+            self.send_chunk(conn, chunk.clone(), push_priority(newest, seq, place));
         }
         self.advance_playback(now);
     }
@@ -1394,8 +1432,6 @@ impl Swarm {
             urgent: bool,
             slack: i128,
             holders: usize,
-            /// The parent announced it and its push is overdue.
-            parent_missed: bool,
         }
         let mut wants = Vec::new();
         for seq in start..=edge {
@@ -1430,8 +1466,7 @@ impl Swarm {
             if now < heard + grace && !urgent {
                 continue;
             }
-            let parent_missed = !bootstrapping && parent.is_some_and(|p| p.have.contains(seq));
-            wants.push(Want { seq, urgent, slack, holders, parent_missed });
+            wants.push(Want { seq, urgent, slack, holders });
         }
         // Earliest deadline first near the deadline, rarest first further out.
         wants.sort_by_key(|w| (!w.urgent, if w.urgent { w.slack } else { w.holders as i128 }, w.seq));
@@ -1458,12 +1493,6 @@ impl Swarm {
                 .map(|(_, c)| c);
             if let Some(c) = best {
                 batches.entry(c).or_default().push(w.seq);
-                if w.parent_missed {
-                    let s = (w.seq % k) as usize;
-                    if let Some(p) = self.parents[s].and_then(|p| self.neighbours.get_mut(&p)) {
-                        p.broke_promise(now);
-                    }
-                }
             }
         }
         for (conn, seqs) in batches {
@@ -1509,9 +1538,8 @@ impl Swarm {
             }
             self.tier_probation[s].retain(|_, t| *t > now);
             let askers: HashSet<ConnId> = demand.iter().map(|(_, c, _)| *c).collect();
-            let late: HashSet<u64> = demand.iter().map(|(_, _, seq)| *seq).collect();
             if self.tier_open[s]
-                || askers.len() < self.config.origin_rotate_demand && late.len() < 2
+                || askers.len() < self.config.origin_rotate_demand
                 || now < self.tier_rotated_at[s] + 3_000_000
             {
                 continue;
@@ -1599,7 +1627,7 @@ impl Swarm {
 
     /// More children we would take in substream `s` now (the rules of `on_subscribe`), given the
     /// children per substream.
-    fn spare(&self, s: usize, per: &[usize]) -> u8 {
+    fn spare(&self, s: usize, per: &[usize], now: Time) -> u8 {
         let taken_here = per.get(s).copied().unwrap_or(0);
         let spare = if self.config.role == Role::Origin {
             let free = self.config.origin_fanout.saturating_sub(taken_here);
@@ -1613,13 +1641,29 @@ impl Swarm {
                 self.config.push_slots.saturating_sub(taken).min(per_substream.saturating_sub(taken_here))
             }
         };
+        // A relay may also take the place of a leaf child (see `evict_leaf_for`).
+        let spare = if spare == 0 { self.evictable_leaves(s, now) } else { spare };
         spare.min(usize::from(u8::MAX)) as u8
     }
 
-    fn tree_places(&self) -> Vec<TreePlace> {
+    fn evictable_leaves(&self, s: usize, now: Time) -> usize {
+        let s16 = s as u16;
+        self.neighbours
+            .values()
+            .filter(|n| n.child_of.contains(&s16))
+            .filter(|n| n.tree_place(s).is_some_and(|p| p.spare == 0 && p.children == 0))
+            .filter(|n| n.child_since.get(&s16).is_some_and(|since| now >= since + LEAF_TENURE_US))
+            .count()
+    }
+
+    fn tree_places(&self, now: Time) -> Vec<TreePlace> {
         let per = self.children_per_substream();
         (0..self.parents.len())
-            .map(|s| TreePlace { depth: self.depth(s), children: per[s].min(255) as u8, spare: self.spare(s, &per) })
+            .map(|s| TreePlace {
+                depth: self.depth(s),
+                children: per[s].min(255) as u8,
+                spare: self.spare(s, &per, now),
+            })
             .collect()
     }
 
@@ -1629,8 +1673,11 @@ impl Swarm {
         if now < self.tree_sent_at + TREE_INTERVAL_US {
             return;
         }
-        let places = self.tree_places();
-        if places == self.tree_sent {
+        let places = self.tree_places(now);
+        // What a neighbour acts on: the depth, whether there is room, whether there are children
+        // (exact counts ride along, but a count going from 3 to 2 is not worth a message to all).
+        let gist = |p: &TreePlace| (p.depth, p.spare > 0, p.children > 0);
+        if places.len() == self.tree_sent.len() && places.iter().zip(&self.tree_sent).all(|(a, b)| gist(a) == gist(b)) {
             return;
         }
         self.tree_sent_at = now;
@@ -1865,6 +1912,19 @@ const STUCK_UPLOADS: usize = 8;
 /// Pushed chunks go ahead of repair answers on our uplink: the push tree is what keeps everyone fed.
 const PUSH_PRIORITY: i32 = 100_000;
 
+/// A leaf child is kept at least this long before a relay may take its place, µs.
+const LEAF_TENURE_US: Time = 2_000_000;
+
+/// A leaf let go for a relay is still pushed to for this long, while it finds another parent, µs.
+const LEAF_RELEASE_US: Time = 1_500_000;
+
+/// Stream priority of a push: above every repair answer; older chunks first, then one chunk's
+/// children in the order given (a transport that shares its uplink between streams of equal
+/// priority would deliver the chunk to all children late, instead of to each in turn).
+fn push_priority(end: u64, seq: u64, place: usize) -> i32 {
+    PUSH_PRIORITY + urgency(end, seq) * 64 - place.min(63) as i32
+}
+
 /// Stream priority for a chunk: older (closer to its deadline) is more urgent.
 fn urgency(end: u64, seq: u64) -> i32 {
     end.saturating_sub(seq).min(10_000) as i32
@@ -1937,5 +1997,124 @@ mod fairness {
         let share = Config::default().max_upload_queue / 2;
         assert!(sent.get(&greedy).copied().unwrap_or(0) <= share, "greedy neighbour got {sent:?}");
         assert_eq!(sent.get(&honest).copied(), Some(1), "the other neighbour was not served: {sent:?}");
+    }
+}
+
+#[cfg(test)]
+mod tree_shape {
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::chunk::Flags;
+    use crate::keys::{NodeKey, StreamKey};
+    use crate::wire::TreePlace;
+
+    const RELAY: TreePlace = TreePlace { depth: 3, children: 0, spare: 2 };
+    const LEAF: TreePlace = TreePlace { depth: 3, children: 0, spare: 0 };
+
+    /// A swarm with neighbours on conns 1.. that have said hello and where they stand.
+    fn swarm_with(config: Config, places: &[TreePlace]) -> (Swarm, StreamKey) {
+        let stream_key = StreamKey::from_secret_bytes([1; 32]);
+        let k = usize::from(config.substreams);
+        let mut swarm = Swarm::new(config, stream_key.id(), NodeKey::from_secret_bytes([2; 32]).id());
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        for (i, place) in places.iter().enumerate() {
+            let conn = ConnId(i as u64 + 1);
+            let node = NodeKey::from_secret_bytes([i as u8 + 3; 32]).id();
+            swarm.handle_connected(0, conn, node, addr, false);
+            swarm.handle_message(
+                0,
+                conn,
+                Message::Hello(Hello {
+                    version: crate::PROTOCOL_VERSION,
+                    stream: stream_key.id(),
+                    node,
+                    role: Role::Relay,
+                    listen: Vec::new(),
+                    have: crate::window::BufferMap::empty(0),
+                }),
+            );
+            swarm.handle_message(0, conn, Message::Tree(vec![*place; k]));
+        }
+        drain(&mut swarm);
+        (swarm, stream_key)
+    }
+
+    fn drain(swarm: &mut Swarm) -> Vec<Output> {
+        std::iter::from_fn(|| swarm.poll_output()).collect()
+    }
+
+    fn subscribe(swarm: &mut Swarm, now: Time, conn: ConnId) -> Vec<Output> {
+        swarm.handle_message(now, conn, Message::Subscribe { substream: 0, substreams: 4, from_seq: u64::MAX });
+        drain(swarm)
+    }
+
+    fn unsubscribed(out: &[Output]) -> Vec<ConnId> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { conn, message: Message::Unsubscribe { substream: 0 } } => Some(*conn),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pushed_to(out: &[Output]) -> Vec<ConnId> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::SendChunk { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Full, we let a leaf child go for a relay (once the leaf has held its place a while), keep
+    /// pushing to the leaf for a moment so it misses nothing while it re-attaches, and never let
+    /// a leaf go for another leaf.
+    #[test]
+    fn a_relay_takes_the_place_of_a_leaf_child() {
+        let (source, leaf, relay, other_leaf) = (ConnId(1), ConnId(2), ConnId(3), ConnId(4));
+        let config = Config { push_slots: 1, ..Config::default() };
+        let (mut swarm, key) = swarm_with(config, &[RELAY, LEAF, RELAY, LEAF]);
+        assert!(unsubscribed(&subscribe(&mut swarm, 0, leaf)).is_empty(), "a free slot was refused");
+        // Too soon: the leaf keeps its place and the relay is refused.
+        assert_eq!(unsubscribed(&subscribe(&mut swarm, 1_000_000, relay)), vec![relay]);
+        // A leaf never displaces a leaf.
+        assert_eq!(unsubscribed(&subscribe(&mut swarm, LEAF_TENURE_US, other_leaf)), vec![other_leaf]);
+        let at = LEAF_TENURE_US + 1;
+        assert_eq!(unsubscribed(&subscribe(&mut swarm, at, relay)), vec![leaf], "the leaf was not let go");
+        let chunk = |seq: u64, now: Time| {
+            Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"))
+        };
+        swarm.handle_chunk(at + 100_000, source, chunk(1000, at));
+        assert_eq!(pushed_to(&drain(&mut swarm)), vec![relay, leaf], "relay first, then the leaf while it moves");
+        let later = at + LEAF_RELEASE_US + 1;
+        swarm.handle_chunk(later, source, chunk(1004, later));
+        assert_eq!(pushed_to(&drain(&mut swarm)), vec![relay]);
+    }
+
+    /// `Tree` goes out when what neighbours act on changes (room or none, children or none, depth),
+    /// not on every change of a count.
+    #[test]
+    fn tree_is_sent_when_room_or_children_change_not_on_every_count() {
+        let config = Config { push_slots: 8, ..Config::default() };
+        let cap = config.push_slots / usize::from(config.substreams) + 1;
+        let places = vec![RELAY; cap + 1];
+        let (mut swarm, _) = swarm_with(config, &places);
+        let mut now = 1_000_000;
+        let mut trees_after = Vec::new();
+        for child in 0..cap {
+            subscribe(&mut swarm, now, ConnId(child as u64 + 2));
+            now += 200_000;
+            swarm.handle_timeout(now);
+            let sent = drain(&mut swarm).iter().any(|o| matches!(o, Output::Send { message: Message::Tree(_), .. }));
+            trees_after.push(sent);
+        }
+        // First child (children 0 -> 1) and the one that fills the substream (spare -> 0) only.
+        let mut expected = vec![false; cap];
+        expected[0] = true;
+        expected[cap - 1] = true;
+        assert_eq!(trees_after, expected);
     }
 }

@@ -86,6 +86,9 @@ pub(crate) struct Neighbour {
     pub(crate) child_of: BTreeSet<u16>,
     /// Per substream it subscribed to: since when.
     pub(crate) child_since: BTreeMap<u16, Time>,
+    /// Per substream we let it go from to make room for a relay: until when we still push to it
+    /// (so it has a moment to find another parent before anything is missing).
+    pub(crate) released: BTreeMap<u16, Time>,
     /// Per substream: moving average of how far its news (`Have`) lags the first news, µs.
     lag: Vec<Option<u64>>,
     /// Per substream, while it is our parent: moving average of how far its pushes land behind the
@@ -127,6 +130,7 @@ impl Neighbour {
             have: Window::new(window * 2, 0),
             child_of: BTreeSet::new(),
             child_since: BTreeMap::new(),
+            released: BTreeMap::new(),
             lag: Vec::new(),
             push_lag: Vec::new(),
             requests_out: 0,
