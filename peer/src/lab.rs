@@ -2,7 +2,7 @@
 //! measured, and summarised in a JSON report.
 //!
 //! All nodes share one clock, so latency is exact: arrival time − capture time. Scenarios: steady
-//! (everyone joins at the start), churn (peers leave without a goodbye and new ones join at a given
+//! (everyone joins within the first [`LabConfig::ramp`]), churn (peers leave without a goodbye and new ones join at a given
 //! rate) and flash crowd (a batch of peers joins within a short time mid-run).
 //!
 //! **Links.** With a delay, jitter, loss or an upload mix, every node (the origin included) sends
@@ -40,6 +40,10 @@ use crate::stats::{LatencySummary, NodeStats};
 pub struct LabConfig {
     /// Relays at the start.
     pub peers: usize,
+    /// The relays present at the start join spread evenly over this long, while the stream runs (the
+    /// simulator's `ramp`, whose default is the same). Zero: all at once, before the first chunk, so
+    /// every QUIC handshake and slow start of the swarm falls on its first second.
+    pub ramp: Duration,
     /// How long the stream runs.
     pub duration: Duration,
     /// Stream bitrate, bits per second.
@@ -82,6 +86,7 @@ impl Default for LabConfig {
     fn default() -> Self {
         LabConfig {
             peers: 20,
+            ramp: Duration::from_secs(2),
             duration: Duration::from_secs(20),
             bitrate_bps: 2_500_000,
             chunk_ms: 250,
@@ -235,15 +240,23 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         peers.push(Peer { handle, upload_bps, joined, left: None, first_delivery, abort, final_stats: None });
         Ok(())
     };
-    for _ in 0..cfg.peers {
-        join(&mut tasks, &mut peers)?;
+    // Peers present at the start joined so far; with a ramp the rest join inside the loop below.
+    let mut initial = 0usize;
+    if cfg.ramp.is_zero() {
+        while initial < cfg.peers {
+            join(&mut tasks, &mut peers)?;
+            initial += 1;
+        }
     }
+    let initial_due = |k: usize| start + cfg.ramp.mul_f64(k as f64 / cfg.peers.max(1) as f64);
     let first_seq = now_us() / 1000;
     let mut source = SyntheticSource::new(stream, first_seq, cfg.chunk_ms, cfg.bitrate_bps, cfg.random_access_every);
     let mut chunk_tick = tokio::time::interval(Duration::from_millis(u64::from(cfg.chunk_ms)));
     let mut progress = tokio::time::interval(cfg.progress.unwrap_or(Duration::from_secs(3600)));
     progress.tick().await;
     let mut churn_tick = tokio::time::interval(Duration::from_millis(200));
+    // Paused during the ramp; no burst of missed ticks after it.
+    churn_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let churn_per_tick = cfg.churn_per_min * cfg.peers as f64 * 0.2 / 60.0;
     let mut churn_debt = 0.0;
     let mut flash_joined = 0usize;
@@ -256,7 +269,13 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
                 origin.publish(source.next_chunk(now_us()));
                 published += 1;
             }
-            _ = churn_tick.tick() => {
+            () = tokio::time::sleep_until(initial_due(initial).into()), if initial < cfg.peers => {
+                while initial < cfg.peers && Instant::now() >= initial_due(initial) {
+                    join(&mut tasks, &mut peers)?;
+                    initial += 1;
+                }
+            }
+            _ = churn_tick.tick(), if initial >= cfg.peers => {
                 churn_debt += churn_per_tick;
                 while churn_debt >= 1.0 {
                     churn_debt -= 1.0;
