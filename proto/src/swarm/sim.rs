@@ -190,6 +190,18 @@ enum Event {
     UplinkFree(usize),
 }
 
+/// One end of a simulated connection.
+#[derive(Clone, Copy)]
+struct ConnEnd {
+    owner: usize,
+    peer: usize,
+    peer_conn: ConnId,
+    /// One-way delay to the peer before jitter, µs.
+    delay_us: Time,
+    /// Latest arrival scheduled at this end: a connection delivers in order.
+    last_arrival: Option<Time>,
+}
+
 struct SimNode {
     swarm: Option<Swarm>,
     key: NodeKey,
@@ -216,10 +228,10 @@ pub struct Sim {
     nodes: Vec<SimNode>,
     by_id: HashMap<NodeId, usize>,
     /// conn -> (owner, peer, peer's conn)
-    conns: std::collections::BTreeMap<ConnId, (usize, usize, ConnId)>,
+    /// Open connection ends, indexed by `ConnId` (ids are handed out in sequence).
+    conns: Vec<Option<ConnEnd>>,
     /// Per receiving conn: the latest arrival scheduled, so each connection stays in order (QUIC's
     /// control stream is ordered; chunk streams are not, but a chunk is never reordered with itself).
-    fifo: HashMap<ConnId, Time>,
     next_conn: u64,
     stream_key: StreamKey,
     verifier: Verifier,
@@ -265,8 +277,7 @@ impl Sim {
             next_event: 0,
             nodes: Vec::new(),
             by_id: HashMap::new(),
-            conns: Default::default(),
-            fifo: HashMap::new(),
+            conns: Vec::new(),
             next_conn: 1,
             stream_key,
             verifier,
@@ -333,17 +344,37 @@ impl Sim {
         self.queue.push(Reverse((at, id, slot)));
     }
 
-    fn delay(&mut self, a: usize, b: usize) -> Time {
+    /// One-way delay between two nodes before jitter: the geography.
+    fn base_delay(&self, a: usize, b: usize) -> Time {
         let (pa, pb) = (self.nodes[a].pos, self.nodes[b].pos);
         let d = ((pa.0 - pb.0).powi(2) + (pa.1 - pb.1).powi(2)).sqrt();
-        let jitter = if self.cfg.jitter_us > 0 { self.rng.u64(0..=self.cfg.jitter_us) } else { 0 };
-        self.cfg.base_delay_us + (d * self.cfg.distance_delay_us as f64) as u64 + jitter
+        self.cfg.base_delay_us + (d * self.cfg.distance_delay_us as f64) as u64
+    }
+
+    /// The delay of one message or chunk over a link with one-way delay `base`: plus jitter.
+    fn jittered(&mut self, base: Time) -> Time {
+        base + if self.cfg.jitter_us > 0 { self.rng.u64(0..=self.cfg.jitter_us) } else { 0 }
+    }
+
+    fn conn(&self, conn: ConnId) -> Option<ConnEnd> {
+        self.conns.get(conn.0 as usize).copied().flatten()
+    }
+
+    fn remove_conn(&mut self, conn: ConnId) -> Option<ConnEnd> {
+        self.conns.get_mut(conn.0 as usize).and_then(Option::take)
     }
 
     /// Schedules an arrival on `conn`, never before an earlier arrival on the same connection.
     fn arrive(&mut self, at: Time, to: usize, conn: ConnId, payload: Payload) {
-        let at = self.fifo.get(&conn).map_or(at, |&last| at.max(last));
-        self.fifo.insert(conn, at);
+        let at = match self.conns.get_mut(conn.0 as usize).and_then(Option::as_mut) {
+            Some(end) => {
+                let at = end.last_arrival.map_or(at, |last| at.max(last));
+                end.last_arrival = Some(at);
+                at
+            }
+            // Gone already: the arrival will find no connection and be dropped.
+            None => at,
+        };
         self.schedule(at, Event::Arrive { to, conn, payload });
     }
 
@@ -429,16 +460,19 @@ impl Sim {
                 if let Some(s) = self.nodes[i].swarm.take() {
                     self.record_end(i, &s, false);
                 }
-                let gone: Vec<ConnId> = self.conns.iter().filter(|(_, (o, _, _))| *o == i).map(|(c, _)| *c).collect();
+                let gone: Vec<ConnId> = (0..self.conns.len())
+                    .filter(|&c| self.conns[c].is_some_and(|end| end.owner == i))
+                    .map(|c| ConnId(c as u64))
+                    .collect();
                 for c in gone {
-                    if let Some((_, peer, peer_conn)) = self.conns.remove(&c) {
+                    if let Some(end) = self.remove_conn(c) {
                         let t = now + self.cfg.idle_timeout_us;
-                        self.schedule(t, Event::Closed { node: peer, conn: peer_conn });
+                        self.schedule(t, Event::Closed { node: end.peer, conn: end.peer_conn });
                     }
                 }
             }
             Event::Connected { node, conn, peer, outbound } => {
-                if !self.conns.contains_key(&conn) {
+                if self.conn(conn).is_none() {
                     return;
                 }
                 let peer_id = self.nodes[peer].key.id();
@@ -455,7 +489,7 @@ impl Sim {
                 self.pump(node);
             }
             Event::Arrive { to, conn, payload } => {
-                if !self.conns.contains_key(&conn) || self.nodes[to].swarm.is_none() {
+                if self.conn(conn).is_none() || self.nodes[to].swarm.is_none() {
                     return;
                 }
                 match payload {
@@ -495,8 +529,7 @@ impl Sim {
                 self.start_upload(i);
             }
             Event::Closed { node, conn } => {
-                self.conns.remove(&conn);
-                self.fifo.remove(&conn);
+                self.remove_conn(conn);
                 if let Some(s) = self.nodes[node].swarm.as_mut() {
                     s.handle_disconnected(now, conn);
                 }
@@ -512,13 +545,13 @@ impl Sim {
             let Some(output) = self.nodes[i].swarm.as_mut().and_then(Swarm::poll_output) else { break };
             match output {
                 Output::Send { conn, message } => {
-                    let Some(&(_, peer, peer_conn)) = self.conns.get(&conn) else { continue };
-                    let d = self.delay(i, peer);
-                    self.arrive(now + d, peer, peer_conn, Payload::Message(message));
+                    let Some(end) = self.conn(conn) else { continue };
+                    let d = self.jittered(end.delay_us);
+                    self.arrive(now + d, end.peer, end.peer_conn, Payload::Message(message));
                 }
                 Output::SendChunk { conn, chunk, priority } => {
                     let seq = chunk.seq();
-                    let Some(&(_, _peer, _peer_conn)) = self.conns.get(&conn) else {
+                    if self.conn(conn).is_none() {
                         self.schedule(now, Event::Sent { node: i, conn, seq });
                         continue;
                     };
@@ -572,21 +605,28 @@ impl Sim {
                     }
                     let (a, b) = (ConnId(self.next_conn), ConnId(self.next_conn + 1));
                     self.next_conn += 2;
-                    self.conns.insert(a, (i, peer, b));
-                    self.conns.insert(b, (peer, i, a));
-                    let d = self.delay(i, peer);
+                    let base = self.base_delay(i, peer);
+                    let d = self.jittered(base);
+                    // Nothing reaches the dialer before its handshake completes.
+                    let ends = [
+                        ConnEnd { owner: i, peer, peer_conn: b, delay_us: base, last_arrival: Some(now + 2 * d) },
+                        ConnEnd { owner: peer, peer: i, peer_conn: a, delay_us: base, last_arrival: Some(now + d) },
+                    ];
+                    if self.conns.len() <= b.0 as usize {
+                        self.conns.resize(b.0 as usize + 1, None);
+                    }
+                    self.conns[a.0 as usize] = Some(ends[0]);
+                    self.conns[b.0 as usize] = Some(ends[1]);
                     self.schedule(now + d, Event::Connected { node: peer, conn: b, peer: i, outbound: false });
                     self.schedule(now + 2 * d, Event::Connected { node: i, conn: a, peer, outbound: true });
-                    // Nothing reaches the dialer before its handshake completes.
-                    self.fifo.insert(a, now + 2 * d);
-                    self.fifo.insert(b, now + d);
                 }
                 Output::Disconnect { conn, .. } => {
-                    if let Some((_, peer, peer_conn)) = self.conns.remove(&conn) {
+                    if let Some(end) = self.remove_conn(conn) {
                         // A close does not overtake what was sent before it (the goodbye first).
-                        let d = self.delay(i, peer);
-                        let at = self.fifo.get(&peer_conn).map_or(now + d, |&last| (now + d).max(last + 1));
-                        self.schedule(at, Event::Closed { node: peer, conn: peer_conn });
+                        let d = self.jittered(end.delay_us);
+                        let last = self.conn(end.peer_conn).and_then(|e| e.last_arrival);
+                        let at = last.map_or(now + d, |last| (now + d).max(last + 1));
+                        self.schedule(at, Event::Closed { node: end.peer, conn: end.peer_conn });
                     }
                 }
                 Output::Deliver(chunk) => {
@@ -648,9 +688,9 @@ impl Sim {
         } else {
             self.results[i - 1].chunk_bytes_up += self.chunk_bytes;
         }
-        if let Some(&(_, peer, peer_conn)) = self.conns.get(&conn) {
-            let d = self.delay(i, peer);
-            self.arrive(finish + d, peer, peer_conn, payload);
+        if let Some(end) = self.conn(conn) {
+            let d = self.jittered(end.delay_us);
+            self.arrive(finish + d, end.peer, end.peer_conn, payload);
         }
     }
 
