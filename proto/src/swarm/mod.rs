@@ -784,7 +784,7 @@ impl Swarm {
         if p.id == self.me || p.addrs.is_empty() {
             return;
         }
-        if self.known.len() >= 4096 && !self.known.contains_key(&p.id) {
+        if self.known.len() >= MAX_KNOWN && !self.known.contains_key(&p.id) {
             return;
         }
         let k =
@@ -1452,14 +1452,18 @@ impl Swarm {
             }
             let deadline = self.deadline(seq).map_or(i128::MAX, i128::from);
             let slack = deadline - i128::from(now);
-            // Give the parent's push the time its pushes usually take to land, and a little more.
+            // Give the parent's push the time its pushes usually take to land, and a little more: up
+            // to a request timeout, or up to two fifths of the target latency when that is longer
+            // (a deep tree in a swarm of slow uplinks is slow, not broken, and a pull racing the
+            // push only adds a duplicate to an uplink that is already the bottleneck).
             let parent = self.parents[s].and_then(|p| self.neighbours.get(&p));
+            let patience = self.config.request_timeout_us.max(self.config.target_latency_us * 2 / 5);
             let grace = match parent {
                 _ if bootstrapping => 0,
                 Some(p) => p
                     .push_lag(s)
                     .map_or(self.config.pull_grace_us, |l| l + l / 2 + 50_000)
-                    .clamp(self.config.pull_grace_us, self.config.request_timeout_us.max(self.config.pull_grace_us)),
+                    .clamp(self.config.pull_grace_us, patience.max(self.config.pull_grace_us)),
                 None => 0,
             };
             let urgent = slack < i128::from(self.config.target_latency_us / 4);
@@ -1911,6 +1915,11 @@ const STUCK_UPLOADS: usize = 8;
 
 /// Pushed chunks go ahead of repair answers on our uplink: the push tree is what keeps everyone fed.
 const PUSH_PRIORITY: i32 = 100_000;
+
+/// Peers we remember (from tickets, peer exchange, refusals): enough to refill a neighbourhood of
+/// `max_neighbours` many times over, few enough that a node in a swarm of thousands does not spend its
+/// memory and its housekeeping on a directory of the whole swarm.
+const MAX_KNOWN: usize = 1024;
 
 /// A leaf child is kept at least this long before a relay may take its place, µs.
 const LEAF_TENURE_US: Time = 2_000_000;
