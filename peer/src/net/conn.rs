@@ -136,12 +136,13 @@ impl Connection {
             Some(shaper) => {
                 // The header rides with the first piece of payload.
                 let first = payload.len().min(PIECE);
-                shaper.acquire((header.len() + first) as u64, priority).await;
+                let order = shaper.place();
+                shaper.acquire_in_order((header.len() + first) as u64, priority, order).await;
                 send.write_all_chunks(&mut [header, payload.slice(..first)]).await?;
                 let mut at = first;
                 while at < payload.len() {
                     let end = (at + PIECE).min(payload.len());
-                    shaper.acquire((end - at) as u64, priority).await;
+                    shaper.acquire_in_order((end - at) as u64, priority, order).await;
                     send.write_chunk(payload.slice(at..end)).await?;
                     at = end;
                 }

@@ -3,7 +3,9 @@
 //! [`TokenBucket`] is the arithmetic alone, with time passed in, so it is tested in virtual time.
 //! [`Shaper`] wraps it for async callers: a chunk send asks for the bytes of its next piece (about
 //! [`PIECE`] bytes) and waits until the bucket holds them. Waiters are served by priority (higher
-//! first), then in arrival order, so an urgent chunk is not stuck behind a queue of pushes. Only the
+//! first), so an urgent chunk is not stuck behind a queue of pushes, then by place in line: every
+//! piece of one chunk keeps the place the chunk took ([`Shaper::place`]), so chunks of equal priority
+//! go out one after another, each finishing as early as it can, instead of interleaving. Only the
 //! waiter at the head of the queue sleeps on the clock; the others wait to be told the head moved.
 //!
 //! The cap counts chunk bytes (signed header and payload), not QUIC and UDP overhead, control
@@ -105,10 +107,23 @@ impl Shaper {
     /// Waits until `n` bytes may be sent. Cancel-safe: dropping the future leaves the queue and takes
     /// no credit.
     pub async fn acquire(&self, n: u64, priority: i32) {
+        let order = self.place();
+        self.acquire_in_order(n, priority, order).await;
+    }
+
+    /// A place in line: pieces acquired with it go before those of later places of the same priority.
+    pub fn place(&self) -> u64 {
+        let mut state = self.lock();
+        state.next += 1;
+        state.next
+    }
+
+    /// As [`Shaper::acquire`], queued at `order` (from [`Shaper::place`]) among equal priorities, so
+    /// all the pieces of one chunk keep the chunk's place: chunks go one after another, not interleaved.
+    pub async fn acquire_in_order(&self, n: u64, priority: i32, order: u64) {
         let ticket = {
             let mut state = self.lock();
-            let ticket = (Reverse(priority), state.next);
-            state.next += 1;
+            let ticket = (Reverse(priority), order);
             state.queue.insert(ticket);
             ticket
         };
@@ -239,6 +254,32 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), ["high", "low", "low2"]);
         assert_eq!(shaper.waiting(), 0);
+    }
+
+    /// Two chunks of equal priority, each sent as several pieces: the first chunk's pieces all go
+    /// before the second's (one chunk after another, as the simulator's uplink does), instead of
+    /// the two interleaving and both finishing late.
+    #[tokio::test(start_paused = true)]
+    async fn pieces_of_one_chunk_keep_its_place_in_line() {
+        let shaper = Arc::new(Shaper::new(10_000, 1_000));
+        shaper.acquire(1_000, 0).await; // empty the bucket
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for name in ["a", "b"] {
+            let (shaper, order) = (shaper.clone(), order.clone());
+            let place = shaper.place();
+            tasks.push(tokio::spawn(async move {
+                for piece in 0..3 {
+                    shaper.acquire_in_order(1_000, 0, place).await;
+                    order.lock().unwrap().push(format!("{name}{piece}"));
+                }
+            }));
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["a0", "a1", "a2", "b0", "b1", "b2"]);
     }
 
     #[tokio::test(start_paused = true)]
