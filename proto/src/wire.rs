@@ -356,6 +356,14 @@ pub struct TreePlace {
     pub spare: u8,
 }
 
+impl TreePlace {
+    /// Whether the sender relays in this substream, or could: it has children there or room for some.
+    /// A child that does not is a *leaf* there, and a relay may take its place.
+    pub fn relays(&self) -> bool {
+        self.spare > 0 || self.children > 0
+    }
+}
+
 /// [`TreePlace::depth`] of a node with no path of parents to the origin.
 pub const NO_DEPTH: u8 = u8::MAX;
 

@@ -1108,20 +1108,11 @@ impl Swarm {
     /// shallower for everyone; the leaf re-attaches further down at no cost to anyone below it.
     fn evict_leaf_for(&mut self, now: Time, conn: ConnId, substream: u16) -> bool {
         let s = usize::from(substream);
-        let relay =
-            self.neighbours.get(&conn).and_then(|n| n.tree_place(s)).is_some_and(|p| p.spare > 0 || p.children > 0);
+        let relay = self.neighbours.get(&conn).and_then(|n| n.tree_place(s)).is_some_and(|p| p.relays());
         if !relay {
             return false;
         }
-        let leaf = self
-            .neighbours
-            .iter()
-            .filter(|(_, n)| n.child_of.contains(&substream))
-            .filter(|(_, n)| n.tree_place(s).is_some_and(|p| p.spare == 0 && p.children == 0))
-            .filter_map(|(c, n)| Some((*n.child_since.get(&substream)?, *c)))
-            .filter(|(since, _)| now >= since + LEAF_TENURE_US)
-            .min();
-        let Some((_, leaf)) = leaf else { return false };
+        let Some((_, leaf)) = self.releasable_leaves(s, now).min() else { return false };
         if let Some(n) = self.neighbours.get_mut(&leaf) {
             n.child_of.remove(&substream);
             n.child_since.remove(&substream);
@@ -1646,18 +1637,19 @@ impl Swarm {
             }
         };
         // A relay may also take the place of a leaf child (see `evict_leaf_for`).
-        let spare = if spare == 0 { self.evictable_leaves(s, now) } else { spare };
+        let spare = if spare == 0 { self.releasable_leaves(s, now).count() } else { spare };
         spare.min(usize::from(u8::MAX)) as u8
     }
 
-    fn evictable_leaves(&self, s: usize, now: Time) -> usize {
+    /// Our leaf children in substream `s` that have held their place for [`LEAF_TENURE_US`], with
+    /// since when: the ones a relay may take the place of.
+    fn releasable_leaves(&self, s: usize, now: Time) -> impl Iterator<Item = (Time, ConnId)> + '_ {
         let s16 = s as u16;
         self.neighbours
-            .values()
-            .filter(|n| n.child_of.contains(&s16))
-            .filter(|n| n.tree_place(s).is_some_and(|p| p.spare == 0 && p.children == 0))
-            .filter(|n| n.child_since.get(&s16).is_some_and(|since| now >= since + LEAF_TENURE_US))
-            .count()
+            .iter()
+            .filter(move |(_, n)| n.child_of.contains(&s16) && n.tree_place(s).is_some_and(|p| !p.relays()))
+            .filter_map(move |(c, n)| Some((*n.child_since.get(&s16)?, *c)))
+            .filter(move |(since, _)| now >= since + LEAF_TENURE_US)
     }
 
     fn tree_places(&self, now: Time) -> Vec<TreePlace> {
@@ -1954,63 +1946,9 @@ fn approx_frame_len(m: &Message) -> usize {
 #[cfg(test)]
 mod tests;
 
+/// Tests that drive one node by hand: neighbours' messages in, its outputs checked.
 #[cfg(test)]
-mod fairness {
-    use std::net::SocketAddr;
-
-    use bytes::Bytes;
-
-    use super::*;
-    use crate::chunk::Flags;
-    use crate::keys::{NodeKey, StreamKey};
-
-    fn hello(stream: StreamId, node: NodeId) -> Message {
-        Message::Hello(Hello {
-            version: crate::PROTOCOL_VERSION,
-            stream,
-            node,
-            role: Role::Relay,
-            listen: Vec::new(),
-            have: crate::window::BufferMap::empty(0),
-        })
-    }
-
-    /// A neighbour that asks for a whole window at once fills at most half our repair queue; another
-    /// neighbour's request that arrives right after is still answered.
-    #[test]
-    fn a_greedy_neighbour_cannot_take_the_whole_repair_queue() {
-        let stream_key = StreamKey::from_secret_bytes([1; 32]);
-        let me = NodeKey::from_secret_bytes([2; 32]).id();
-        let mut swarm = Swarm::new(Config::default(), stream_key.id(), me);
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
-        let (source, greedy, honest) = (ConnId(1), ConnId(2), ConnId(3));
-        for (conn, seed) in [(source, 3u8), (greedy, 4), (honest, 5)] {
-            let node = NodeKey::from_secret_bytes([seed; 32]).id();
-            swarm.handle_connected(0, conn, node, addr, false);
-            swarm.handle_message(0, conn, hello(stream_key.id(), node));
-        }
-        let now = 10_000_000;
-        for seq in 100..120u64 {
-            let chunk = Verified::sign(&stream_key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
-            swarm.handle_chunk(now, source, chunk);
-        }
-        while swarm.poll_output().is_some() {}
-        swarm.handle_message(now, greedy, Message::Request { seqs: (100..120).collect() });
-        swarm.handle_message(now, honest, Message::Request { seqs: vec![110] });
-        let mut sent = HashMap::new();
-        while let Some(out) = swarm.poll_output() {
-            if let Output::SendChunk { conn, .. } = out {
-                *sent.entry(conn).or_insert(0) += 1;
-            }
-        }
-        let share = Config::default().max_upload_queue / 2;
-        assert!(sent.get(&greedy).copied().unwrap_or(0) <= share, "greedy neighbour got {sent:?}");
-        assert_eq!(sent.get(&honest).copied(), Some(1), "the other neighbour was not served: {sent:?}");
-    }
-}
-
-#[cfg(test)]
-mod tree_shape {
+mod one_node {
     use std::net::SocketAddr;
 
     use bytes::Bytes;
@@ -2108,9 +2046,9 @@ mod tree_shape {
     #[test]
     fn tree_is_sent_when_room_or_children_change_not_on_every_count() {
         let config = Config { push_slots: 8, ..Config::default() };
-        let cap = config.push_slots / usize::from(config.substreams) + 1;
-        let places = vec![RELAY; cap + 1];
-        let (mut swarm, _) = swarm_with(config, &places);
+        let (mut swarm, _) = swarm_with(config, &[RELAY; 8]);
+        let cap = swarm.per_substream_cap();
+        assert!(cap < 8, "more neighbours than the substream takes");
         let mut now = 1_000_000;
         let mut trees_after = Vec::new();
         for child in 0..cap {
@@ -2125,5 +2063,30 @@ mod tree_shape {
         expected[0] = true;
         expected[cap - 1] = true;
         assert_eq!(trees_after, expected);
+    }
+
+    /// A neighbour that asks for a whole window at once fills at most half our repair queue; another
+    /// neighbour's request that arrives right after is still answered.
+    #[test]
+    fn a_greedy_neighbour_cannot_take_the_whole_repair_queue() {
+        let (mut swarm, stream_key) = swarm_with(Config::default(), &[RELAY; 3]);
+        let (source, greedy, honest) = (ConnId(1), ConnId(2), ConnId(3));
+        let now = 10_000_000;
+        for seq in 100..120u64 {
+            let chunk = Verified::sign(&stream_key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            swarm.handle_chunk(now, source, chunk);
+        }
+        while swarm.poll_output().is_some() {}
+        swarm.handle_message(now, greedy, Message::Request { seqs: (100..120).collect() });
+        swarm.handle_message(now, honest, Message::Request { seqs: vec![110] });
+        let mut sent = HashMap::new();
+        while let Some(out) = swarm.poll_output() {
+            if let Output::SendChunk { conn, .. } = out {
+                *sent.entry(conn).or_insert(0) += 1;
+            }
+        }
+        let share = Config::default().max_upload_queue / 2;
+        assert!(sent.get(&greedy).copied().unwrap_or(0) <= share, "greedy neighbour got {sent:?}");
+        assert_eq!(sent.get(&honest).copied(), Some(1), "the other neighbour was not served: {sent:?}");
     }
 }
