@@ -64,7 +64,8 @@ struct SimArgs {
     /// Chunk duration in ms.
     #[arg(long, default_value_t = 250)]
     chunk_ms: u32,
-    /// Target latency.
+    /// Every peer's playback point behind the live edge; continuity counts the chunks present by it.
+    /// With uplinks near the bitrate a large swarm needs 2–2.5 s (trees get deep; see the README).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     latency: Duration,
     /// Mean one-way delay between peers, ms.
@@ -119,9 +120,13 @@ struct LabArgs {
     /// Chunk duration in ms.
     #[arg(long, default_value_t = 250)]
     chunk_ms: u32,
-    /// Target latency of every peer.
+    /// Every peer's playback point behind the live edge; continuity counts the chunks present by it.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     latency: Duration,
+    /// The relays present at the start join spread over this long, while the stream runs (as in the
+    /// simulator); 0s: all at once, before the first chunk.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    ramp: Duration,
     /// Per-relay upload cap (bytes/s with k/M/G, or bits with a trailing "bit"): the node's chunk shaper only.
     #[arg(long, value_parser = parse_rate)]
     max_upload: Option<u64>,
@@ -290,6 +295,7 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         bitrate_bps: a.bitrate,
         chunk_ms: a.chunk_ms,
         latency: a.latency,
+        ramp: a.ramp,
         max_upload: a.max_upload,
         link_delay: a.delay,
         jitter: a.jitter,

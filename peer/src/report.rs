@@ -410,10 +410,13 @@ impl Report {
             self.startup_p50_s,
             self.startup_max_s,
         );
-        line.push_str(&format!(
-            " | after {WARM_UP_S:.0} s: p50 {:.0} ms p99 {:.0} ms",
-            self.arrival_latency_after_warm_up.p50_ms, self.arrival_latency_after_warm_up.p99_ms
-        ));
+        // A run shorter than the warm-up has nothing after it: say nothing rather than "0 ms".
+        if self.arrival_latency_after_warm_up.count > 0 {
+            line.push_str(&format!(
+                " | after {WARM_UP_S:.0} s: p50 {:.0} ms p99 {:.0} ms",
+                self.arrival_latency_after_warm_up.p50_ms, self.arrival_latency_after_warm_up.p99_ms
+            ));
+        }
         if let Some(lag) = &self.scheduler_lag {
             line.push_str(&format!(" | scheduler lag p99 {:.1} ms max {:.0} ms", lag.p99_ms, lag.max_ms));
         }
