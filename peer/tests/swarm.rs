@@ -116,9 +116,11 @@ async fn publish(origin: &NodeHandle, key: &StreamKey, first: u64, count: u64) -
 
 /// Asserts a relay delivered every chunk from its start to `last`, in order, with no skip; returns
 /// the first chunk it delivered.
-async fn assert_complete(i: usize, rx: &mut mpsc::UnboundedReceiver<Delivery>, last: u64) -> u64 {
+async fn assert_complete(i: usize, handle: &NodeHandle, rx: &mut mpsc::UnboundedReceiver<Delivery>, last: u64) -> u64 {
     let (delivered, skipped) = collect_until(rx, last).await;
-    assert!(skipped.is_empty(), "relay {i} skipped {skipped:?}");
+    // On failure, say what the relay saw: its counters, parents and latencies tell a slow repair
+    // from a lost parent from a starved machine.
+    assert!(skipped.is_empty(), "relay {i} skipped {skipped:?}; its stats: {:#?}", handle.stats());
     assert_eq!(delivered.last(), Some(&last), "relay {i} did not reach the end");
     let first = delivered[0];
     assert_eq!(delivered, (first..=last).collect::<Vec<_>>(), "relay {i} out of order or with holes");
@@ -183,16 +185,17 @@ async fn killing_a_third_of_the_relays_loses_nothing_at_the_survivors() {
     let mut swarm = start(15).await;
     let mut publisher = Publisher::new(&swarm.stream, 8000);
     publisher.publish(&swarm.origin, 20).await;
-    // Kill every third relay mid-stream: no goodbye, its connections just go silent.
+    // Kill every third relay mid-stream: no goodbye, no hand-over; its task is dropped where it
+    // stands (QUIC closes its connections, so the others notice at once, chunks in flight and all).
     for i in (0..15).step_by(3) {
         swarm.kill[i].abort();
     }
     let last = publisher.publish(&swarm.origin, 40).await;
-    for (i, (_, rx)) in swarm.relays.iter_mut().enumerate() {
+    for (i, (handle, rx)) in swarm.relays.iter_mut().enumerate() {
         if i % 3 == 0 {
             continue;
         }
-        let first = assert_complete(i, rx, last).await;
+        let first = assert_complete(i, handle, rx, last).await;
         assert!(first <= 8000 + 8, "relay {i} started late at {first}");
     }
     swarm.stop().await;

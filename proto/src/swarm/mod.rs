@@ -69,7 +69,9 @@
 //!   chunk only when no other neighbour offers it, so requests for chunks published more than 400 ms
 //!   ago mean that substream's first tier is not spreading. The origin serves one such copy per chunk
 //!   beyond its repair budget (`origin_free_repairs`), and declines the rest with `Cancel` so the
-//!   requester asks elsewhere at once. When, within 2 s, `origin_rotate_demand` distinct nodes asked
+//!   requester asks elsewhere at once. The same holds at once, without the 400 ms, for a chunk pushed
+//!   to a first-tier child whose connection went within the second after: the chunk may have died
+//!   with it, and then the origin is the only node that has it. When, within 2 s, `origin_rotate_demand` distinct nodes asked
 //!   for late chunks of one substream, the substream is *opened* (one node asking for two late
 //!   chunks used to be enough; in a swarm of slow uplinks that rotated a working first tier every
 //!   few seconds and orphaned its subtrees): the next node that subscribes to it takes the longest-held slot (held for
@@ -381,6 +383,9 @@ pub struct Swarm {
     tier_open: Vec<bool>,
     /// On the origin, per substream: since when it has had no first-tier child.
     tier_empty_since: Vec<Option<Time>>,
+    /// On the origin, per substream: when a first-tier child last vanished (its connection closed
+    /// or was dropped). Chunks of the substream published before then may have died with it.
+    tier_lost_at: Vec<Option<Time>>,
     /// Our place in each substream's tree as last told to the neighbours, and when.
     tree_sent: Vec<TreePlace>,
     tree_sent_at: Time,
@@ -439,6 +444,7 @@ impl Swarm {
             tier_rotated_at: vec![0; k],
             tier_open: vec![false; k],
             tier_empty_since: vec![None; k],
+            tier_lost_at: vec![None; k],
             tree_sent: Vec::new(),
             tree_sent_at: 0,
             feasible: vec![NO_DEPTH; k],
@@ -575,6 +581,13 @@ impl Swarm {
     /// A connection has gone (closed by either side, timed out, or failed).
     pub fn handle_disconnected(&mut self, now: Time, conn: ConnId) {
         let Some(n) = self.neighbours.remove(&conn) else { return };
+        if self.config.role == Role::Origin {
+            for &s in &n.child_of {
+                if let Some(t) = self.tier_lost_at.get_mut(usize::from(s)) {
+                    *t = Some(now);
+                }
+            }
+        }
         if let Some(id) = n.node {
             if self.by_node.get(&id) == Some(&conn) {
                 self.by_node.remove(&id);
@@ -968,23 +981,33 @@ impl Swarm {
             };
             if origin {
                 // Demand for a chunk that has been out for a while means its substream's first
-                // tier is not spreading it: serve a copy anyway, and note who asked.
-                let old = self.first_news.get(&seq).is_some_and(|&t| now >= t + OLD_AT_ORIGIN_US);
-                let over_budget = self.origin_over_budget(chunk.payload().len());
-                let copies = self.origin_repaired.entry(seq).or_insert(0);
-                let free = spare || (old && *copies < self.config.origin_free_repairs);
-                if old {
-                    let s = (seq % u64::from(self.config.substreams)) as usize;
+                // tier is not spreading it: serve a copy anyway, and note who asked (that is what
+                // rotates the tier).
+                let s = (seq % u64::from(self.config.substreams)) as usize;
+                let published = self.first_news.get(&seq).copied();
+                let late = published.is_some_and(|t| now >= t + OLD_AT_ORIGIN_US);
+                if late {
                     self.tier_demand[s].push_back((now, conn, seq));
                 }
-                // A rescue copy of a chunk its first tier evidently failed to spread is served even
-                // beyond the budget: without it a first tier of free riders would starve the swarm.
-                let rescue = old && *copies < self.config.origin_free_repairs;
+                // So is a chunk pushed to a first-tier child that vanished within the second after:
+                // it may have died with that child, and then nobody else has it. Its slot is simply
+                // refilled; that is no reason to rotate the tier.
+                let orphaned = published
+                    .is_some_and(|p| self.tier_lost_at[s].is_some_and(|lost| lost >= p && lost < p + ORPHAN_US));
+                let unspread = late || orphaned;
+                // (Counting what this request has been served so far: one batch cannot overrun it.)
+                let batch: usize = served.iter().map(|c: &Verified| c.payload().len()).sum();
+                let over_budget = self.origin_over_budget(batch + chunk.payload().len());
+                let copies = self.origin_repaired.entry(seq).or_insert(0);
+                // A rescue copy of an unspread chunk is served even beyond the budget: without it a
+                // first tier of free riders (or one that just left) would starve the swarm.
+                let rescue = unspread && *copies < self.config.origin_free_repairs;
+                let free = spare || rescue;
                 if over_budget && !rescue || !free && !self.origin_repair.take(now, 1.0) {
-                    // Declined. For a chunk that should long have spread, say so, so the requester
-                    // asks elsewhere at once; a young one is likely on its way by push (an early
-                    // answer would only make it pull a duplicate elsewhere).
-                    if old {
+                    // Declined. For an unspread chunk, say so, so the requester asks elsewhere at
+                    // once; a young one is likely on its way by push (an early answer would only
+                    // make it pull a duplicate elsewhere).
+                    if unspread {
                         self.send(conn, Message::Cancel { seq });
                     }
                     continue;
@@ -1901,6 +1924,10 @@ const STRANDED_US: Time = 2_000_000;
 /// On the origin: a chunk requested this long after publishing should have come through the tree, µs.
 const OLD_AT_ORIGIN_US: u64 = 400_000;
 
+/// On the origin: a chunk pushed to a first-tier child that vanished within this long may have
+/// died with it (it had not yet been relayed), µs.
+const ORPHAN_US: u64 = 1_000_000;
+
 /// A neighbour with this many chunk streams still in flight is not taking them (flow control): it gets
 /// no more pushes and its streams no longer count as load on our uplink.
 const STUCK_UPLOADS: usize = 8;
@@ -2063,6 +2090,42 @@ mod one_node {
         expected[0] = true;
         expected[cap - 1] = true;
         assert_eq!(trees_after, expected);
+    }
+
+    /// Over its upload budget the origin lets a young chunk's request wait for the push tree; but a
+    /// chunk whose first-tier child has vanished since may have died with it, and is served at once.
+    #[test]
+    fn the_origin_rescues_a_chunk_its_vanished_first_tier_child_had() {
+        // One first-tier child per substream, and an upload budget of one copy of the stream.
+        let config = Config { role: Role::Origin, origin_fanout: 1, origin_max_upload: 1.0, ..Config::default() };
+        let (mut swarm, key) = swarm_with(config, &[RELAY; 2]);
+        let (first, asker) = (ConnId(1), ConnId(2));
+        let now = 1_000_000;
+        subscribe(&mut swarm, now, first);
+        // Sent means done here: the uplink is not what this test is about.
+        let sent = |swarm: &mut Swarm, now: Time| {
+            let out = drain(swarm);
+            for o in &out {
+                if let Output::SendChunk { conn, chunk, .. } = o {
+                    swarm.handle_chunk_sent(now, *conn, chunk.seq());
+                }
+            }
+            out
+        };
+        for seq in [1000, 1004, 1008] {
+            let chunk = Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            swarm.publish(now, chunk);
+            assert_eq!(pushed_to(&sent(&mut swarm, now)), vec![first]);
+        }
+        // Two repair answers use up the burst allowance; the third request waits for the tree.
+        swarm.handle_message(now, asker, Message::Request { seqs: vec![1000, 1004, 1008] });
+        let out = sent(&mut swarm, now);
+        assert_eq!(pushed_to(&out), vec![asker, asker]);
+        assert!(!out.iter().any(|o| matches!(o, Output::Send { message: Message::Cancel { .. }, .. })));
+        // A first-tier child goes (crashed, say) before relaying the chunk: now it is served.
+        swarm.handle_disconnected(now + 30_000, first);
+        swarm.handle_message(now + 40_000, asker, Message::Request { seqs: vec![1008] });
+        assert_eq!(pushed_to(&sent(&mut swarm, now + 40_000)), vec![asker], "the orphaned chunk was not served");
     }
 
     /// A neighbour that asks for a whole window at once fills at most half our repair queue; another
