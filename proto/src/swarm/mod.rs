@@ -82,6 +82,8 @@
 //!   (more only in a substream that has had no child for 2 s) and takes one only in a least-served
 //!   substream, so the first tier spans several nodes.
 
+#[cfg(any(test, feature = "sim"))]
+mod agenda;
 mod neighbour;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -1453,17 +1455,6 @@ impl Swarm {
                 continue;
             }
             let s = (seq % k) as usize;
-            let holders =
-                self.neighbours.values().filter(|n| n.hello_done() && n.trusted(now) && n.have.contains(seq)).count();
-            // A chunk announced while it looked like the future has no news time yet: it is news now.
-            let heard = match self.first_news.get(&seq) {
-                Some(&t) => t,
-                None if holders > 0 => *self.first_news.entry(seq).or_insert(now),
-                None => continue,
-            };
-            if holders == 0 {
-                continue;
-            }
             let deadline = self.deadline(seq).map_or(i128::MAX, i128::from);
             let slack = deadline - i128::from(now);
             // Give the parent's push the time its pushes usually take to land, and a little more: up
@@ -1481,8 +1472,24 @@ impl Swarm {
                 None => 0,
             };
             let urgent = slack < i128::from(self.config.target_latency_us / 4);
-            if now < heard + grace && !urgent {
+            let waiting = |heard: Time| now < heard + grace && !urgent;
+            // (Most chunks missing at any moment are still on their way by push: that test goes
+            // before counting holders, which is the costly part.)
+            let news = self.first_news.get(&seq).copied();
+            if news.is_some_and(waiting) {
                 continue;
+            }
+            let holders =
+                self.neighbours.values().filter(|n| n.hello_done() && n.trusted(now) && n.have.contains(seq)).count();
+            if holders == 0 {
+                continue;
+            }
+            // A chunk announced while it looked like the future has no news time yet: it is news now.
+            if news.is_none() {
+                self.first_news.insert(seq, now);
+                if waiting(now) {
+                    continue;
+                }
             }
             wants.push(Want { seq, urgent, slack, holders });
         }

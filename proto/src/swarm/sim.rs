@@ -17,11 +17,12 @@
 //! driver does, so a forged chunk is caught by the same code path.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use bytes::Bytes;
 
+use super::agenda::Agenda;
 use super::{Config, ConnId, Misbehaviour, Output, Path, Swarm, Time};
 use crate::chunk::{Flags, Received, Verified, Verifier};
 use crate::keys::{NodeId, NodeKey, StreamKey};
@@ -220,7 +221,7 @@ pub struct Sim {
     rng: fastrand::Rng,
     now: Time,
     /// Pending events by (time, order of scheduling, slot in `events`): ties go in scheduling order.
-    queue: BinaryHeap<Reverse<(Time, u64, u32)>>,
+    queue: Agenda,
     /// Event bodies, by slot (a slab: the hot loop neither hashes nor moves them).
     events: Vec<Option<Event>>,
     free_slots: Vec<u32>,
@@ -242,6 +243,9 @@ pub struct Sim {
     chunk_bytes: u64,
     origin_chunks: HashMap<u64, [u8; 32]>,
 }
+
+/// Virtual time at the start of every run, µs (a plausible wall clock: Unix time in late 2023).
+const SIM_EPOCH_US: Time = 1_700_000_000_000_000;
 
 /// The fake address of simulated node `i` (never used on a real socket).
 pub fn sim_addr(i: usize) -> SocketAddr {
@@ -270,8 +274,8 @@ impl Sim {
         let chunk_bytes = cfg.bitrate_bps * u64::from(cfg.chunk_us) / 8 / 1_000_000;
         let mut sim = Sim {
             rng: fastrand::Rng::with_seed(cfg.seed ^ 0x5eed),
-            now: 1_700_000_000_000_000,
-            queue: BinaryHeap::new(),
+            now: SIM_EPOCH_US,
+            queue: Agenda::new(SIM_EPOCH_US),
             events: Vec::new(),
             free_slots: Vec::new(),
             next_event: 0,
@@ -341,7 +345,7 @@ impl Sim {
                 (self.events.len() - 1) as u32
             }
         };
-        self.queue.push(Reverse((at, id, slot)));
+        self.queue.push((at, id, slot));
     }
 
     /// One-way delay between two nodes before jitter: the geography.
@@ -406,7 +410,7 @@ impl Sim {
     /// Runs to the end and returns what every node saw.
     pub fn run(mut self) -> SimResult {
         let end = self.now + self.cfg.duration_us + 1_500_000;
-        while let Some(Reverse((at, _, slot))) = self.queue.pop() {
+        while let Some((at, _, slot)) = self.queue.pop() {
             if at > end {
                 break;
             }
