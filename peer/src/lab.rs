@@ -176,10 +176,13 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     let stream = StreamKey::from_secret_bytes(key(cfg.seed, u64::MAX));
     let stream_id = stream.id();
     let latency_us = cfg.latency.as_micros() as u64;
+    // Ten seconds of window whatever the chunk length, as the simulator keeps.
+    let window = (10_000 / cfg.chunk_ms.max(1)).max(8) as usize;
     let mut tasks = tokio::task::JoinSet::new();
     let mut origin_cfg = NodeConfig::new(NodeKey::from_secret_bytes(key(cfg.seed, 0)), stream.id(), loopback);
     origin_cfg.swarm.role = Role::Origin;
     origin_cfg.swarm.target_latency_us = latency_us;
+    origin_cfg.swarm.window = window;
     origin_cfg.swarm.max_neighbours = 64;
     let origin_upload_bps = cfg.origin_upload.map(|m| (m * cfg.bitrate_bps as f64) as u64);
     origin_cfg.endpoint.link = cfg.link(origin_upload_bps, cfg.seed);
@@ -208,6 +211,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         c.swarm.seed = cfg.seed ^ next_key;
         next_key += 1;
         c.swarm.target_latency_us = latency_us;
+        c.swarm.window = window;
         c.endpoint.max_upload_bytes_per_sec = cfg.max_upload;
         let upload_bps = cfg.upload_mean.map(|mean| {
             let factor = crate::simulate::upload_factor(&mut upload_rng, mean, cfg.slow_share);

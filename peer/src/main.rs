@@ -64,6 +64,10 @@ struct SimArgs {
     /// Chunk duration in ms.
     #[arg(long, default_value_t = 250)]
     chunk_ms: u32,
+    /// Keyframe interval in ms, as the broadcaster's: every chunk this often is a random-access one
+    /// (a joiner starts at one).
+    #[arg(long, default_value_t = 1000)]
+    keyint_ms: u32,
     /// Every peer's playback point behind the live edge; continuity counts the chunks present by it.
     /// With uplinks near the bitrate a large swarm needs 2–2.5 s (trees get deep; see the README).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -120,6 +124,10 @@ struct LabArgs {
     /// Chunk duration in ms.
     #[arg(long, default_value_t = 250)]
     chunk_ms: u32,
+    /// Keyframe interval in ms, as the broadcaster's: every chunk this often is a random-access one
+    /// (a joiner starts at one).
+    #[arg(long, default_value_t = 1000)]
+    keyint_ms: u32,
     /// Every peer's playback point behind the live edge; continuity counts the chunks present by it.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     latency: Duration,
@@ -294,6 +302,7 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         duration: a.duration,
         bitrate_bps: a.bitrate,
         chunk_ms: a.chunk_ms,
+        random_access_every: crowdsurf_peer::source::random_access_every(a.keyint_ms, a.chunk_ms),
         latency: a.latency,
         ramp: a.ramp,
         max_upload: a.max_upload,
@@ -343,6 +352,7 @@ fn run_sim(a: SimArgs) -> Result<()> {
         duration: a.duration,
         bitrate_bps: a.bitrate,
         chunk_ms: a.chunk_ms,
+        random_access_every: crowdsurf_peer::source::random_access_every(a.keyint_ms, a.chunk_ms),
         latency: a.latency,
         delay_ms: a.delay_ms,
         uniform_delay: a.uniform_delay,

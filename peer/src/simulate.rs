@@ -25,6 +25,8 @@ pub struct SimScenario {
     pub bitrate_bps: u64,
     /// Chunk duration, ms.
     pub chunk_ms: u32,
+    /// Random-access chunk every this many chunks.
+    pub random_access_every: u64,
     /// Target latency.
     pub latency: Duration,
     /// Mean one-way delay between peers, ms.
@@ -60,6 +62,7 @@ impl Default for SimScenario {
             duration: Duration::from_secs(60),
             bitrate_bps: 2_500_000,
             chunk_ms: 250,
+            random_access_every: 4,
             latency: Duration::from_secs(1),
             delay_ms: 30.0,
             uniform_delay: false,
@@ -147,11 +150,12 @@ pub fn run(sc: &SimScenario) -> Report {
     };
     let mut swarm =
         crowdsurf_proto::swarm::Config { target_latency_us: sc.latency.as_micros() as u64, ..Default::default() };
-    swarm.window = (10_000 / sc.chunk_ms.max(1)) as usize;
+    swarm.window = (10_000 / sc.chunk_ms.max(1)).max(8) as usize;
     let cfg = SimConfig {
         seed: sc.seed,
         duration_us: duration,
         chunk_us: sc.chunk_ms * 1000,
+        random_access_every: sc.random_access_every,
         bitrate_bps: sc.bitrate_bps,
         base_delay_us: base_us,
         distance_delay_us,

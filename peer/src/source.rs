@@ -53,3 +53,24 @@ impl SyntheticSource {
         Verified::sign(&self.key, seq, capture_us, self.chunk_us, flags, Bytes::from(payload))
     }
 }
+
+/// Random-access chunks come every this many chunks for a keyframe interval of `keyint_ms` and
+/// chunks of `chunk_ms` (as the broadcaster cuts them: a chunk starts at each keyframe).
+pub fn random_access_every(keyint_ms: u32, chunk_ms: u32) -> u64 {
+    u64::from(keyint_ms.div_ceil(chunk_ms.max(1))).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_access_every;
+
+    #[test]
+    fn a_keyframe_a_second_in_chunks_of_any_length() {
+        assert_eq!(random_access_every(1000, 250), 4);
+        assert_eq!(random_access_every(1000, 125), 8);
+        // A chunk is cut at each keyframe, so 300 ms chunks give 300, 300, 300, 100.
+        assert_eq!(random_access_every(1000, 300), 4);
+        assert_eq!(random_access_every(500, 1000), 1);
+        assert_eq!(random_access_every(1000, 0), 1000);
+    }
+}
