@@ -1409,6 +1409,9 @@ impl Swarm {
     }
 
     fn expire_requests(&mut self, now: Time) {
+        if self.requests.is_empty() {
+            return;
+        }
         let expired: Vec<(u64, ConnId)> =
             self.requests.iter().filter(|(_, (_, t))| *t <= now).map(|(s, (c, _))| (*s, *c)).collect();
         for (seq, conn) in expired {
@@ -1727,7 +1730,9 @@ impl Swarm {
         let k = self.parents.len();
         let per = self.children_per_substream();
         for s in 0..k {
-            self.refused[s].retain(|_, until| *until > now);
+            if !self.refused[s].is_empty() {
+                self.refused[s].retain(|_, until| *until > now);
+            }
             let s16 = s as u16;
             let has_children = per.get(s).is_some_and(|&c| c > 0);
             let depth = self.depth(s);
