@@ -71,11 +71,13 @@
 //!   beyond its repair budget (`origin_free_repairs`), and declines the rest with `Cancel` so the
 //!   requester asks elsewhere at once. The same holds at once, without the 400 ms, for a chunk pushed
 //!   to a first-tier child whose connection went within the second after: the chunk may have died
-//!   with it, and then the origin is the only node that has it. When, within 2 s, `origin_rotate_demand` distinct nodes asked
-//!   for late chunks of one substream, the substream is *opened* (one node asking for two late
-//!   chunks used to be enough; in a swarm of slow uplinks that rotated a working first tier every
-//!   few seconds and orphaned its subtrees): the next node that subscribes to it takes the longest-held slot (held for
-//!   at least 2 s), and the released child may not take that substream again for 30 s. Rotations are
+//!   with it, and then the origin is the only node that has it. When, within 2 s,
+//!   `origin_rotate_demand` distinct nodes asked for late chunks of one substream (a vanished
+//!   child's chunks do not count: its slot is simply refilled), the substream is *opened* (one node
+//!   asking for two late chunks used to be enough; in a swarm of slow uplinks that rotated a working
+//!   first tier every few seconds and orphaned its subtrees): the next node that subscribes to it
+//!   takes the longest-held slot (held for at least 2 s), and the released child may not take that
+//!   substream again for 30 s. Rotations are
 //!   at least 3 s apart per substream. A working child is thus only replaced by a node that wants the
 //!   slot, never left empty.
 //! - **Spread first tier (origin).** A node holds at most `origin_slots_per_node` first-tier slots
