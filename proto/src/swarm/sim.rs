@@ -228,11 +228,11 @@ pub struct Sim {
     next_event: u64,
     nodes: Vec<SimNode>,
     by_id: HashMap<NodeId, usize>,
-    /// conn -> (owner, peer, peer's conn)
-    /// Open connection ends, indexed by `ConnId` (ids are handed out in sequence).
+    /// Open connection ends, indexed by `ConnId` (ids are handed out in sequence). Each keeps the
+    /// latest arrival scheduled on it, so a connection stays in order (QUIC's control stream is
+    /// ordered; chunk streams are not, but a chunk is never reordered with itself).
     conns: Vec<Option<ConnEnd>>,
-    /// Per receiving conn: the latest arrival scheduled, so each connection stays in order (QUIC's
-    /// control stream is ordered; chunk streams are not, but a chunk is never reordered with itself).
+    /// The next `ConnId` to hand out (two per connection, one for each end).
     next_conn: u64,
     stream_key: StreamKey,
     verifier: Verifier,
