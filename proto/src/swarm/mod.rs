@@ -969,6 +969,8 @@ impl Swarm {
         let spare = origin && self.children() < self.config.origin_fanout * usize::from(self.config.substreams);
         let newest = self.chunks.end();
         let mut served = Vec::new();
+        // Bytes of `served`, so the origin's budget counts this request's earlier answers.
+        let mut served_bytes = 0;
         for seq in seqs.into_iter().take(MAX_REQUEST) {
             let Some(n) = self.neighbours.get_mut(&conn) else { return };
             if !n.requests_in.take(now, 1.0) {
@@ -1000,8 +1002,7 @@ impl Swarm {
                     .is_some_and(|p| self.tier_lost_at[s].is_some_and(|lost| lost >= p && lost < p + ORPHAN_US));
                 let unspread = late || orphaned;
                 // (Counting what this request has been served so far: one batch cannot overrun it.)
-                let batch: usize = served.iter().map(|c: &Verified| c.payload().len()).sum();
-                let over_budget = self.origin_over_budget(batch + chunk.payload().len());
+                let over_budget = self.origin_over_budget(served_bytes + chunk.payload().len());
                 let copies = self.origin_repaired.entry(seq).or_insert(0);
                 // A rescue copy of an unspread chunk is served even beyond the budget: without it a
                 // first tier of free riders (or one that just left) would starve the swarm.
@@ -1018,6 +1019,7 @@ impl Swarm {
                 }
                 *copies = copies.saturating_add(1);
             }
+            served_bytes += chunk.payload().len();
             served.push(chunk.clone());
         }
         for chunk in served {
