@@ -61,8 +61,8 @@ struct SimArgs {
     /// Stream bitrate in bits per second (k/M suffixes).
     #[arg(long, default_value = "2.5M", value_parser = parse_bits)]
     bitrate: u64,
-    /// Chunk duration in ms.
-    #[arg(long, default_value_t = 250)]
+    /// Chunk duration in ms (1 to 10000).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     chunk_ms: u32,
     /// Keyframe interval in ms, as the broadcaster's: every chunk this often is a random-access one
     /// (a joiner starts at one).
@@ -121,8 +121,8 @@ struct LabArgs {
     /// Stream bitrate in bits per second (k/M suffixes), e.g. 2.5M.
     #[arg(long, default_value = "2.5M", value_parser = parse_bits)]
     bitrate: u64,
-    /// Chunk duration in ms.
-    #[arg(long, default_value_t = 250)]
+    /// Chunk duration in ms (1 to 10000).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     chunk_ms: u32,
     /// Keyframe interval in ms, as the broadcaster's: every chunk this often is a random-access one
     /// (a joiner starts at one).
