@@ -258,14 +258,14 @@ async fn a_forging_neighbour_is_dropped_banned_and_its_chunk_never_delivered() {
     let endpoint = Endpoint::bind(&forger_key, EndpointConfig::new(loopback())).unwrap();
     let conn = endpoint.connect(&relay).await.unwrap();
     let (mut send, mut recv) = conn.open_control().await.unwrap();
-    send.send(&Message::Hello(Hello {
+    send.send(&Message::Hello(Box::new(Hello {
         version: crowdsurf_proto::PROTOCOL_VERSION,
         stream: swarm.stream.id(),
         node: forger_key.id(),
         role: Role::Relay,
         listen: vec![],
         have: BufferMap::empty(0),
-    }))
+    })))
     .await
     .unwrap();
     assert!(matches!(recv.recv().await.unwrap(), Some(Message::Hello(_))));

@@ -16,6 +16,7 @@
 use bytes::{Buf, BufMut, Bytes};
 use ed25519_dalek::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 use crate::keys::{KeyError, StreamId, StreamKey};
 use crate::wire::DecodeError;
@@ -237,17 +238,27 @@ impl Received {
         let message = self.header.signing_bytes(&verifier.stream);
         let signature = Signature::from_bytes(&self.signature);
         verifier.key.verify_strict(&message, &signature).map_err(|_| VerifyError::BadSignature)?;
-        Ok(Verified { header: self.header, signature: self.signature, payload: self.payload })
+        Ok(Verified {
+            signed: Arc::new(Signed { header: self.header, signature: self.signature }),
+            payload: self.payload,
+        })
     }
 }
 
-/// A chunk whose hash and signature have been checked (or that we signed ourselves). Cheap to clone:
-/// the payload is shared.
+/// A chunk whose hash and signature have been checked (or that we signed ourselves). Cheap to clone
+/// and to move: the signed header and the payload are shared, so every neighbour's copy in a push,
+/// every window and every queued message holds two pointers, not the 120 bytes of header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
+    signed: Arc<Signed>,
+    payload: Bytes,
+}
+
+/// The signed part of a [`Verified`] chunk.
+#[derive(Debug, PartialEq, Eq)]
+struct Signed {
     header: Header,
     signature: [u8; 64],
-    payload: Bytes,
 }
 
 impl Verified {
@@ -266,20 +277,20 @@ impl Verified {
             payload_hash: Sha256::digest(&payload).into(),
         };
         let signature = key.sign(&header.signing_bytes(&key.id()));
-        Verified { header, signature, payload }
+        Verified { signed: Arc::new(Signed { header, signature }), payload }
     }
 
     /// The header.
     pub fn header(&self) -> &Header {
-        &self.header
+        &self.signed.header
     }
     /// The sequence number.
     pub fn seq(&self) -> u64 {
-        self.header.seq
+        self.signed.header.seq
     }
     /// The signature.
     pub fn signature(&self) -> &[u8; 64] {
-        &self.signature
+        &self.signed.signature
     }
     /// The payload (whole MPEG-TS packets).
     pub fn payload(&self) -> &Bytes {
@@ -288,8 +299,8 @@ impl Verified {
 
     /// Writes the signed header that precedes the payload on a chunk stream.
     pub fn encode_signed_header(&self, buf: &mut impl BufMut) {
-        self.header.encode(buf);
-        buf.put_slice(&self.signature);
+        self.signed.header.encode(buf);
+        buf.put_slice(&self.signed.signature);
     }
 
     /// The signed header as its own buffer.
@@ -307,7 +318,7 @@ impl Verified {
 
     /// Turns the chunk back into its received form (for tests and for re-checking stored chunks).
     pub fn into_received(self) -> Received {
-        Received { header: self.header, signature: self.signature, payload: self.payload }
+        Received { header: self.signed.header, signature: self.signed.signature, payload: self.payload }
     }
 }
 

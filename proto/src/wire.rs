@@ -275,8 +275,9 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Message {
-    /// Introduction; must come first.
-    Hello(Hello),
+    /// Introduction; must come first. (Boxed: it is by far the largest message and the rarest,
+    /// and every queued message is the size of the largest.)
+    Hello(Box<Hello>),
     /// A full picture of what the sender holds.
     BufferMap(BufferMap),
     /// The sender has just verified and stored chunk `seq`.
@@ -446,14 +447,14 @@ impl Message {
 
     fn decode_body(ty: u8, buf: &mut impl Buf) -> Result<Self, DecodeError> {
         Ok(match ty {
-            1 => Message::Hello(Hello {
+            1 => Message::Hello(Box::new(Hello {
                 version: get_u16(buf)?,
                 stream: StreamId::from_bytes(get_32(buf)?),
                 node: NodeId::from_bytes(get_32(buf)?),
                 role: Role::from_u8(get_u8(buf)?)?,
                 listen: decode_addrs(buf)?,
                 have: BufferMap::decode(buf)?,
-            }),
+            })),
             2 => Message::BufferMap(BufferMap::decode(buf)?),
             3 => Message::Have { seq: get_u64(buf)? },
             4 => {
@@ -613,6 +614,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Messages and chunks are queued and moved by the thousand per second on a busy node (and by
+    /// the million in a simulation): they stay a few words, the rare large parts behind pointers.
+    #[test]
+    fn messages_and_chunks_stay_small() {
+        let (message, chunk) = (std::mem::size_of::<Message>(), std::mem::size_of::<crate::chunk::Verified>());
+        eprintln!("Message {message} B, Verified {chunk} B");
+        assert!(message <= 64, "Message is {message} bytes");
+        assert!(chunk <= 48, "Verified is {chunk} bytes");
+    }
+
     fn arb_addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
             (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
@@ -648,14 +659,14 @@ mod tests {
                 proptest::collection::vec(arb_addr(), 0..=MAX_ADDRS),
                 arb_map()
             )
-                .prop_map(|(version, s, n, role, listen, have)| Message::Hello(Hello {
+                .prop_map(|(version, s, n, role, listen, have)| Message::Hello(Box::new(Hello {
                     version,
                     stream: StreamId::from_bytes(s),
                     node: NodeId::from_bytes(n),
                     role: Role::from_u8(role).unwrap(),
                     listen,
                     have
-                })),
+                }))),
             arb_map().prop_map(Message::BufferMap),
             any::<u64>().prop_map(|seq| Message::Have { seq }),
             proptest::collection::vec(any::<u64>(), 0..=MAX_REQUEST).prop_map(|seqs| Message::Request { seqs }),

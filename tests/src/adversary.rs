@@ -88,14 +88,14 @@ impl Adversary {
         let endpoint = Endpoint::bind(&key, EndpointConfig::new(loopback()))?;
         let conn = endpoint.connect(target).await?;
         let (mut send, mut recv) = conn.open_control().await?;
-        send.send(&Message::Hello(Hello {
+        send.send(&Message::Hello(Box::new(Hello {
             version: crowdsurf_proto::PROTOCOL_VERSION,
             stream,
             node: key.id(),
             role: Role::Relay,
             listen: vec![],
             have: BufferMap::empty(0),
-        }))
+        })))
         .await?;
         // Their hello (or a refusal).
         let _ = tokio::time::timeout(Duration::from_secs(5), recv.recv()).await;

@@ -69,14 +69,14 @@ async fn garbage_after_hello_and_malformed_messages_get_the_sender_dropped() {
     assert_eq!(adv.closed_by_target(Duration::from_secs(5)).await, Some(GoodbyeReason::Misbehaved));
     // 2. A second hello is a protocol violation.
     let mut adv = Adversary::join(&target, swarm.stream.id(), 202).await.unwrap();
-    let hello = Message::Hello(crowdsurf_proto::wire::Hello {
+    let hello = Message::Hello(Box::new(crowdsurf_proto::wire::Hello {
         version: 1,
         stream: swarm.stream.id(),
         node: adv.key.id(),
         role: crowdsurf_proto::wire::Role::Relay,
         listen: vec![],
         have: crowdsurf_proto::window::BufferMap::empty(0),
-    });
+    }));
     adv.send.send(&hello).await.unwrap();
     assert_eq!(adv.closed_by_target(Duration::from_secs(5)).await, Some(GoodbyeReason::Misbehaved));
     // 3. A chunk header announcing a payload over the limit.

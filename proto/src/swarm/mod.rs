@@ -559,14 +559,14 @@ impl Swarm {
         let mut n = Neighbour::new(now, addr, outbound, self.config.window);
         n.expected = Some(node);
         self.neighbours.insert(conn, n);
-        let hello = Message::Hello(Hello {
+        let hello = Message::Hello(Box::new(Hello {
             version: crate::PROTOCOL_VERSION,
             stream: self.stream,
             node: self.me,
             role: self.config.role,
             listen: self.config.listen.clone(),
             have: self.chunks.buffer_map(),
-        });
+        }));
         self.send(conn, hello);
     }
 
@@ -631,7 +631,7 @@ impl Swarm {
         n.last_heard = now;
         if !n.hello_done() {
             match message {
-                Message::Hello(hello) => self.on_hello(now, conn, hello),
+                Message::Hello(hello) => self.on_hello(now, conn, *hello),
                 _ => self.ban(now, conn),
             }
             return;
@@ -2017,14 +2017,14 @@ mod one_node {
             swarm.handle_message(
                 0,
                 conn,
-                Message::Hello(Hello {
+                Message::Hello(Box::new(Hello {
                     version: crate::PROTOCOL_VERSION,
                     stream: stream_key.id(),
                     node,
                     role: Role::Relay,
                     listen: Vec::new(),
                     have: crate::window::BufferMap::empty(0),
-                }),
+                })),
             );
             swarm.handle_message(0, conn, Message::Tree(vec![*place; k]));
         }

@@ -172,10 +172,12 @@ pub struct SimResult {
     pub parent_loops: u64,
 }
 
+/// What travels on a simulated connection. Every queued event is the size of the largest, so the
+/// rare large one (a forged chunk) is boxed.
 enum Payload {
     Message(Message),
     Chunk(Verified),
-    Raw(Received),
+    Raw(Box<Received>),
 }
 
 enum Event {
@@ -572,7 +574,7 @@ impl Sim {
                                 *b ^= 0xff;
                             }
                             r.payload = Bytes::from(p);
-                            Payload::Raw(r)
+                            Payload::Raw(Box::new(r))
                         }
                         Some(Adversary::WrongKey) => {
                             let h = *chunk.header();
@@ -584,7 +586,7 @@ impl Sim {
                                 h.flags,
                                 chunk.payload().clone(),
                             );
-                            Payload::Raw(forged.into_received())
+                            Payload::Raw(Box::new(forged.into_received()))
                         }
                     };
                     let order = self.next_event;
