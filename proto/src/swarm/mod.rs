@@ -352,8 +352,10 @@ pub struct Swarm {
     by_node: HashMap<NodeId, ConnId>,
     known: HashMap<NodeId, Known>,
     dialing: HashSet<NodeId>,
-    /// When we first heard of each recent sequence number (from any Have, or its arrival).
-    first_news: BTreeMap<u64, Time>,
+    /// When we first heard of each recent sequence number (from any Have, or its arrival). A window
+    /// rather than a map: it is read and written for every announcement, and stays bounded even
+    /// while a joiner, with nothing verified yet, hears claims it cannot check.
+    first_news: Window<Time>,
     /// Requests in flight: seq -> (conn, deadline).
     requests: HashMap<u64, (ConnId, Time)>,
     /// Parent per substream.
@@ -429,7 +431,7 @@ impl Swarm {
             by_node: HashMap::new(),
             known: HashMap::new(),
             dialing: HashSet::new(),
-            first_news: BTreeMap::new(),
+            first_news: Window::new(config.window * 2, 0),
             requests: HashMap::new(),
             parents: vec![None; k],
             parent_since: vec![0; k],
@@ -732,7 +734,7 @@ impl Swarm {
         // says it has the chunk, the push arriving says its uplink can deliver it to us.
         let s = (seq % u64::from(self.config.substreams)) as usize;
         if self.parents[s] == Some(conn) && !self.chunks.contains(seq) {
-            let first = self.first_news.get(&seq).copied().unwrap_or(now);
+            let first = self.first_news.get(seq).copied().unwrap_or(now);
             if let Some(n) = self.neighbours.get_mut(&conn) {
                 n.note_push_lag(s, now.saturating_sub(first));
             }
@@ -754,7 +756,7 @@ impl Swarm {
     pub fn publish(&mut self, now: Time, chunk: Verified) {
         self.counters.published += 1;
         self.published_bytes += chunk.payload().len() as u64;
-        self.first_news.entry(chunk.seq()).or_insert(now);
+        self.first_news_at(chunk.seq(), now);
         self.store(now, chunk, Path::Local, None);
     }
 
@@ -903,11 +905,22 @@ impl Swarm {
         self.next_tick = Some(now);
     }
 
+    /// When we first heard of `seq`: now, if this is the first time.
+    fn first_news_at(&mut self, seq: u64, now: Time) -> Time {
+        match self.first_news.get(seq) {
+            Some(&t) => t,
+            None => {
+                self.first_news.insert(seq, now);
+                now
+            }
+        }
+    }
+
     fn note_news(&mut self, now: Time, conn: ConnId, seq: u64) {
         if seq < self.chunks.base() {
             return;
         }
-        let first = *self.first_news.entry(seq).or_insert(now);
+        let first = self.first_news_at(seq, now);
         let k = u64::from(self.config.substreams);
         if let Some(n) = self.neighbours.get_mut(&conn) {
             n.note_lag((seq % k) as usize, now.saturating_sub(first));
@@ -990,7 +1003,7 @@ impl Swarm {
                 // tier is not spreading it: serve a copy anyway, and note who asked (that is what
                 // rotates the tier).
                 let s = (seq % u64::from(self.config.substreams)) as usize;
-                let published = self.first_news.get(&seq).copied();
+                let published = self.first_news.get(seq).copied();
                 let late = published.is_some_and(|t| now >= t + OLD_AT_ORIGIN_US);
                 if late {
                     self.tier_demand[s].push_back((now, conn, seq));
@@ -1218,7 +1231,7 @@ impl Swarm {
         }
         self.chunks.insert(seq, chunk.clone());
         let base = self.chunks.base();
-        self.first_news = self.first_news.split_off(&base);
+        self.first_news.advance_to(base);
         if !self.origin_repaired.is_empty() {
             self.origin_repaired = self.origin_repaired.split_off(&base);
         }
@@ -1482,7 +1495,7 @@ impl Swarm {
             let waiting = |heard: Time| now < heard + grace && !urgent;
             // (Most chunks missing at any moment are still on their way by push: that test goes
             // before counting holders, which is the costly part.)
-            let news = self.first_news.get(&seq).copied();
+            let news = self.first_news.get(seq).copied();
             if news.is_some_and(waiting) {
                 continue;
             }
