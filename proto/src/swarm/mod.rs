@@ -588,7 +588,7 @@ impl Swarm {
     pub fn handle_disconnected(&mut self, now: Time, conn: ConnId) {
         let Some(n) = self.neighbours.remove(&conn) else { return };
         if self.config.role == Role::Origin {
-            for &s in &n.child_of {
+            for s in n.child_of.iter() {
                 if let Some(t) = self.tier_lost_at.get_mut(usize::from(s)) {
                     *t = Some(now);
                 }
@@ -1066,7 +1066,7 @@ impl Swarm {
         let substreams: Vec<u16> = self
             .neighbours
             .get_mut(&conn)
-            .map(|n| std::mem::take(&mut n.child_of).into_iter().collect())
+            .map(|n| std::mem::take(&mut n.child_of).iter().collect())
             .unwrap_or_default();
         for substream in substreams {
             self.send(conn, Message::Unsubscribe { substream });
@@ -1094,9 +1094,9 @@ impl Swarm {
 
     fn on_subscribe(&mut self, now: Time, conn: ConnId, substream: u16, substreams: u16, from_seq: u64) {
         let refuse = substreams != self.config.substreams || substream >= substreams || {
-            let taken_here = self.neighbours.values().filter(|n| n.child_of.contains(&substream)).count();
+            let taken_here = self.neighbours.values().filter(|n| n.child_of.contains(substream)).count();
             let taken = self.children();
-            let already = self.neighbours.get(&conn).is_some_and(|n| n.child_of.contains(&substream));
+            let already = self.neighbours.get(&conn).is_some_and(|n| n.child_of.contains(substream));
             let on_probation = self.neighbours.get(&conn).and_then(|n| n.node).is_some_and(|id| {
                 self.tier_probation.get(usize::from(substream)).and_then(|p| p.get(&id)).is_some_and(|&t| t > now)
             });
@@ -1156,7 +1156,7 @@ impl Swarm {
         }
         let Some((_, leaf)) = self.releasable_leaves(s, now).min() else { return false };
         if let Some(n) = self.neighbours.get_mut(&leaf) {
-            n.child_of.remove(&substream);
+            n.child_of.remove(substream);
             n.child_since.remove(&substream);
             n.released.retain(|_, until| *until > now);
             n.released.insert(substream, now + LEAF_RELEASE_US);
@@ -1168,7 +1168,7 @@ impl Swarm {
     fn on_unsubscribe(&mut self, now: Time, conn: ConnId, substream: u16) {
         let s = usize::from(substream);
         if let Some(n) = self.neighbours.get_mut(&conn) {
-            n.child_of.remove(&substream);
+            n.child_of.remove(substream);
             n.child_since.remove(&substream);
         }
         let refused_switch = self.switching.get(s).is_some_and(|w| w.is_some_and(|(c, _)| c == conn));
@@ -1282,7 +1282,7 @@ impl Swarm {
             if Some(conn) == from || n.have.contains(seq) {
                 continue;
             }
-            if n.child_of.contains(&substream) || n.released.get(&substream).is_some_and(|&until| now < until) {
+            if n.child_of.contains(substream) || n.released.get(&substream).is_some_and(|&until| now < until) {
                 children.push(conn);
             }
             self.send(conn, Message::Have { seq });
@@ -1292,7 +1292,7 @@ impl Swarm {
         // A leaf let go for a relay (still pushed to while it moves) comes after the real children.
         children.sort_by_key(|c| {
             let n = self.neighbours.get(c);
-            let released = n.is_none_or(|n| !n.child_of.contains(&substream));
+            let released = n.is_none_or(|n| !n.child_of.contains(substream));
             let grandchildren = n.and_then(|n| n.tree_place(usize::from(substream))).map_or(0, |p| p.children);
             (released, std::cmp::Reverse(grandchildren))
         });
@@ -1572,7 +1572,7 @@ impl Swarm {
     fn rotate_tier(&mut self, now: Time) {
         for s in 0..self.tier_demand.len() {
             let s16 = s as u16;
-            if self.neighbours.values().any(|n| n.child_of.contains(&s16)) {
+            if self.neighbours.values().any(|n| n.child_of.contains(s16)) {
                 self.tier_empty_since[s] = None;
             } else {
                 self.tier_empty_since[s].get_or_insert(now);
@@ -1620,7 +1620,7 @@ impl Swarm {
         let oldest = self
             .neighbours
             .iter()
-            .filter(|(_, n)| n.child_of.contains(&s16))
+            .filter(|(_, n)| n.child_of.contains(s16))
             .filter_map(|(c, n)| Some((*n.child_since.get(&s16)?, *c, n.node?)))
             .filter(|(since, _, _)| now >= since + 2_000_000)
             .min();
@@ -1631,7 +1631,7 @@ impl Swarm {
         self.tier_probation[s].insert(id, now + 30_000_000);
         self.counters.tier_rotations += 1;
         if let Some(n) = self.neighbours.get_mut(&conn) {
-            n.child_of.remove(&s16);
+            n.child_of.remove(s16);
             n.child_since.remove(&s16);
         }
         self.send(conn, Message::Unsubscribe { substream: s16 });
@@ -1661,7 +1661,7 @@ impl Swarm {
     fn children_per_substream(&self) -> Vec<usize> {
         let mut per = vec![0usize; self.parents.len()];
         for n in self.neighbours.values() {
-            for &s in &n.child_of {
+            for s in n.child_of.iter() {
                 if let Some(c) = per.get_mut(usize::from(s)) {
                     *c += 1;
                 }
@@ -1697,7 +1697,7 @@ impl Swarm {
         let s16 = s as u16;
         self.neighbours
             .iter()
-            .filter(move |(_, n)| n.child_of.contains(&s16) && n.tree_place(s).is_some_and(|p| !p.relays()))
+            .filter(move |(_, n)| n.child_of.contains(s16) && n.tree_place(s).is_some_and(|p| !p.relays()))
             .filter_map(move |(c, n)| Some((*n.child_since.get(&s16)?, *c)))
             .filter(move |(since, _)| now >= since + LEAF_TENURE_US)
     }
@@ -1806,7 +1806,7 @@ impl Swarm {
                     n.hello_done()
                         && n.trusted(now)
                         && Some(**c) != self.parents[s]
-                        && !n.child_of.contains(&s16)
+                        && !n.child_of.contains(s16)
                         && !self.refused[s].contains_key(c)
                 })
                 .filter_map(|(c, n)| {
@@ -1863,10 +1863,10 @@ impl Swarm {
     /// Stops pushing substream `s` to all our children there, telling them so.
     fn release_children(&mut self, s: u16) {
         let children: Vec<ConnId> =
-            self.neighbours.iter().filter(|(_, n)| n.child_of.contains(&s)).map(|(c, _)| *c).collect();
+            self.neighbours.iter().filter(|(_, n)| n.child_of.contains(s)).map(|(c, _)| *c).collect();
         for conn in children {
             if let Some(n) = self.neighbours.get_mut(&conn) {
-                n.child_of.remove(&s);
+                n.child_of.remove(s);
                 n.child_since.remove(&s);
             }
             self.send(conn, Message::Unsubscribe { substream: s });

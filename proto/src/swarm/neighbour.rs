@@ -1,13 +1,55 @@
 //! What a node keeps about each neighbour: what it has, what it subscribed to, how early its news
 //! arrives, and its request budget.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use super::Time;
 use crate::keys::NodeId;
 use crate::window::Window;
-use crate::wire::{Role, TreePlace};
+use crate::wire::{MAX_SUBSTREAMS, Role, TreePlace};
+
+/// A set of substreams, one bit each (there are at most [`MAX_SUBSTREAMS`], 64). Asked on every
+/// push and every tick, for every neighbour: a bit test, where a tree set was a pointer chase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Substreams(u64);
+
+impl Substreams {
+    pub(crate) fn contains(self, s: u16) -> bool {
+        s < MAX_SUBSTREAMS && self.0 & (1 << s) != 0
+    }
+    /// Adds `s`; whether it was not there yet. A number of [`MAX_SUBSTREAMS`] or more (which no
+    /// configuration or message can carry) is never a member.
+    pub(crate) fn insert(&mut self, s: u16) -> bool {
+        if s >= MAX_SUBSTREAMS || self.contains(s) {
+            return false;
+        }
+        self.0 |= 1 << s;
+        true
+    }
+    /// Removes `s`; whether it was there.
+    pub(crate) fn remove(&mut self, s: u16) -> bool {
+        let was = self.contains(s);
+        if was {
+            self.0 &= !(1 << s);
+        }
+        was
+    }
+    pub(crate) fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+    /// The members, lowest first.
+    pub(crate) fn iter(self) -> impl Iterator<Item = u16> {
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let s = bits.trailing_zeros() as u16;
+                bits &= bits - 1;
+                s
+            })
+        })
+    }
+}
 
 /// A connection, numbered by the driver. Never reused while the node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,7 +125,7 @@ pub(crate) struct Neighbour {
     /// Sequence numbers it has (announced, sent to us, or sent by us).
     pub(crate) have: Window<()>,
     /// Substreams it subscribed to from us.
-    pub(crate) child_of: BTreeSet<u16>,
+    pub(crate) child_of: Substreams,
     /// Per substream it subscribed to: since when.
     pub(crate) child_since: BTreeMap<u16, Time>,
     /// Per substream we let it go from to make room for a relay: until when we still push to it
@@ -128,7 +170,7 @@ impl Neighbour {
             last_heard: now,
             // Twice the window, so announcements slightly ahead of ours still fit.
             have: Window::new(window * 2, 0),
-            child_of: BTreeSet::new(),
+            child_of: Substreams::default(),
             child_since: BTreeMap::new(),
             released: BTreeMap::new(),
             lag: Vec::new(),
@@ -222,4 +264,32 @@ fn ewma(v: &mut Vec<Option<u64>>, i: usize, x: u64) {
         None => x,
         Some(old) => (old * 3 + x) / 4,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The bit set answers as an ordered set of the same numbers would, including for numbers
+        /// it cannot hold (never members).
+        #[test]
+        fn substreams_behave_as_a_set(ops in prop::collection::vec((any::<bool>(), 0u16..80), 0..200)) {
+            let (mut bits, mut set) = (Substreams::default(), BTreeSet::new());
+            for (add, s) in ops {
+                if add {
+                    prop_assert_eq!(bits.insert(s), s < MAX_SUBSTREAMS && set.insert(s));
+                } else {
+                    prop_assert_eq!(bits.remove(s), set.remove(&s));
+                }
+                prop_assert_eq!(bits.len(), set.len());
+                prop_assert_eq!(bits.iter().collect::<Vec<_>>(), set.iter().copied().collect::<Vec<_>>());
+                prop_assert!((0..80).all(|s| bits.contains(s) == set.contains(&s)));
+            }
+        }
+    }
 }
