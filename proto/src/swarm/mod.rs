@@ -331,6 +331,43 @@ pub struct Counters {
     pub tier_rotations: u64,
 }
 
+/// Neighbours that refused to be our parent in one substream (or that we gave up on), each until
+/// a time. Expired entries go when the earliest of them is due: sweeping the table every tick
+/// was a good part of a large simulation's time, and the entries last seconds.
+#[derive(Debug, Clone, Default)]
+struct Refusals {
+    until: HashMap<ConnId, Time>,
+    /// No entry expires before this.
+    next_expiry: Time,
+}
+
+impl Refusals {
+    fn insert(&mut self, conn: ConnId, until: Time) {
+        if self.until.is_empty() || until < self.next_expiry {
+            self.next_expiry = until;
+        }
+        self.until.insert(conn, until);
+    }
+
+    /// Drops the entries that have run out by `now`.
+    fn expire(&mut self, now: Time) {
+        if self.until.is_empty() || now < self.next_expiry {
+            return;
+        }
+        self.until.retain(|_, until| *until > now);
+        self.next_expiry = self.until.values().copied().min().unwrap_or(Time::MAX);
+    }
+
+    fn contains(&self, conn: ConnId) -> bool {
+        self.until.contains_key(&conn)
+    }
+
+    fn remove(&mut self, conn: &ConnId) {
+        // (`next_expiry` stays a lower bound.)
+        self.until.remove(conn);
+    }
+}
+
 /// What we know of a node we are not necessarily connected to.
 #[derive(Debug, Clone)]
 struct Known {
@@ -368,7 +405,7 @@ pub struct Swarm {
     /// Per substream: pushes the current parent announced but that had to be pulled, in a row.
     parent_misses: Vec<u32>,
     /// Per substream, neighbours that refused to be our parent, until when.
-    refused: Vec<HashMap<ConnId, Time>>,
+    refused: Vec<Refusals>,
     live_edge: Option<u64>,
     /// A recent chunk's (seq, capture_us, duration_us): estimates the capture time of chunks not seen.
     reference: Option<(u64, u64, u32)>,
@@ -437,7 +474,7 @@ impl Swarm {
             parent_since: vec![0; k],
             switching: vec![None; k],
             parent_misses: vec![0; k],
-            refused: vec![HashMap::new(); k],
+            refused: vec![Refusals::default(); k],
             live_edge: None,
             reference: None,
             cursor: None,
@@ -1747,9 +1784,7 @@ impl Swarm {
         let k = self.parents.len();
         let per = self.children_per_substream();
         for s in 0..k {
-            if !self.refused[s].is_empty() {
-                self.refused[s].retain(|_, until| *until > now);
-            }
+            self.refused[s].expire(now);
             let s16 = s as u16;
             let has_children = per.get(s).is_some_and(|&c| c > 0);
             let depth = self.depth(s);
@@ -1768,7 +1803,7 @@ impl Swarm {
             }
             // A switch under way: the new parent has had time to refuse; if it has not, it is ours.
             if let Some((c, at)) = self.switching[s] {
-                if !self.neighbours.contains_key(&c) || self.refused[s].contains_key(&c) {
+                if !self.neighbours.contains_key(&c) || self.refused[s].contains(c) {
                     self.switching[s] = None;
                 } else if now >= at || self.parents[s].is_none() {
                     self.switching[s] = None;
@@ -1807,7 +1842,7 @@ impl Swarm {
                         && n.trusted(now)
                         && Some(**c) != self.parents[s]
                         && !n.child_of.contains(s16)
-                        && !self.refused[s].contains_key(c)
+                        && !self.refused[s].contains(**c)
                 })
                 .filter_map(|(c, n)| {
                     let place = n.tree_place(s)?;
