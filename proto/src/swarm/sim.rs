@@ -222,11 +222,8 @@ pub struct Sim {
     cfg: SimConfig,
     rng: fastrand::Rng,
     now: Time,
-    /// Pending events by (time, order of scheduling, slot in `events`): ties go in scheduling order.
-    queue: Agenda,
-    /// Event bodies, by slot (a slab: the hot loop neither hashes nor moves them).
-    events: Vec<Option<Event>>,
-    free_slots: Vec<u32>,
+    /// Pending events by time, ties in order of scheduling.
+    queue: Agenda<Event>,
     next_event: u64,
     nodes: Vec<SimNode>,
     by_id: HashMap<NodeId, usize>,
@@ -278,8 +275,6 @@ impl Sim {
             rng: fastrand::Rng::with_seed(cfg.seed ^ 0x5eed),
             now: SIM_EPOCH_US,
             queue: Agenda::new(SIM_EPOCH_US),
-            events: Vec::new(),
-            free_slots: Vec::new(),
             next_event: 0,
             nodes: Vec::new(),
             by_id: HashMap::new(),
@@ -337,17 +332,7 @@ impl Sim {
     fn schedule(&mut self, at: Time, event: Event) {
         let id = self.next_event;
         self.next_event += 1;
-        let slot = match self.free_slots.pop() {
-            Some(slot) => {
-                self.events[slot as usize] = Some(event);
-                slot
-            }
-            None => {
-                self.events.push(Some(event));
-                (self.events.len() - 1) as u32
-            }
-        };
-        self.queue.push((at, id, slot));
+        self.queue.push(at, id, event);
     }
 
     /// One-way delay between two nodes before jitter: the geography.
@@ -412,12 +397,10 @@ impl Sim {
     /// Runs to the end and returns what every node saw.
     pub fn run(mut self) -> SimResult {
         let end = self.now + self.cfg.duration_us + 1_500_000;
-        while let Some((at, _, slot)) = self.queue.pop() {
+        while let Some((at, _, event)) = self.queue.pop() {
             if at > end {
                 break;
             }
-            let Some(event) = self.events[slot as usize].take() else { continue };
-            self.free_slots.push(slot);
             self.now = at;
             self.out.events += 1;
             self.handle(event);
