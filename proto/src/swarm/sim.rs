@@ -231,6 +231,9 @@ pub struct Sim {
     /// latest arrival scheduled on it, so a connection stays in order (QUIC's control stream is
     /// ordered; chunk streams are not, but a chunk is never reordered with itself).
     conns: Vec<Option<ConnEnd>>,
+    /// Which `conns` are open, one bit each: every arrival asks, and the table itself is too big
+    /// to stay in cache.
+    open: Vec<u64>,
     /// The next `ConnId` to hand out (two per connection, one for each end).
     next_conn: u64,
     stream_key: StreamKey,
@@ -279,6 +282,7 @@ impl Sim {
             nodes: Vec::new(),
             by_id: HashMap::new(),
             conns: Vec::new(),
+            open: Vec::new(),
             next_conn: 1,
             stream_key,
             verifier,
@@ -351,7 +355,25 @@ impl Sim {
         self.conns.get(conn.0 as usize).copied().flatten()
     }
 
+    fn is_open(&self, conn: ConnId) -> bool {
+        let i = conn.0 as usize;
+        self.open.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn set_open(&mut self, conn: ConnId, open: bool) {
+        let i = conn.0 as usize;
+        if self.open.len() <= i / 64 {
+            self.open.resize(i / 64 + 1, 0);
+        }
+        if open {
+            self.open[i / 64] |= 1 << (i % 64);
+        } else {
+            self.open[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
     fn remove_conn(&mut self, conn: ConnId) -> Option<ConnEnd> {
+        self.set_open(conn, false);
         self.conns.get_mut(conn.0 as usize).and_then(Option::take)
     }
 
@@ -461,7 +483,7 @@ impl Sim {
                 }
             }
             Event::Connected { node, conn, peer, outbound } => {
-                if self.conn(conn).is_none() {
+                if !self.is_open(conn) {
                     return;
                 }
                 let peer_id = self.nodes[peer].key.id();
@@ -478,7 +500,7 @@ impl Sim {
                 self.pump(node);
             }
             Event::Arrive { to, conn, payload } => {
-                if self.conn(conn).is_none() || self.nodes[to].swarm.is_none() {
+                if !self.is_open(conn) || self.nodes[to].swarm.is_none() {
                     return;
                 }
                 match payload {
@@ -540,7 +562,7 @@ impl Sim {
                 }
                 Output::SendChunk { conn, chunk, priority } => {
                     let seq = chunk.seq();
-                    if self.conn(conn).is_none() {
+                    if !self.is_open(conn) {
                         self.schedule(now, Event::Sent { node: i, conn, seq });
                         continue;
                     };
@@ -606,6 +628,8 @@ impl Sim {
                     }
                     self.conns[a.0 as usize] = Some(ends[0]);
                     self.conns[b.0 as usize] = Some(ends[1]);
+                    self.set_open(a, true);
+                    self.set_open(b, true);
                     self.schedule(now + d, Event::Connected { node: peer, conn: b, peer: i, outbound: false });
                     self.schedule(now + 2 * d, Event::Connected { node: i, conn: a, peer, outbound: true });
                 }
