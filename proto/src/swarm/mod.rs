@@ -389,6 +389,10 @@ pub struct Swarm {
     by_node: HashMap<NodeId, ConnId>,
     known: HashMap<NodeId, Known>,
     dialing: HashSet<NodeId>,
+    /// No known node can be worth dialing before this (every one is connected, being dialed, or
+    /// waiting out a retry or a ban); 0 when that is not known. Anything that could make a node
+    /// dialable sooner resets it (see [`Self::dial_again`]).
+    dial_idle_until: Time,
     /// When we first heard of each recent sequence number (from any Have, or its arrival). A window
     /// rather than a map: it is read and written for every announcement, and stays bounded even
     /// while a joiner, with nothing verified yet, hears claims it cannot check.
@@ -468,6 +472,7 @@ impl Swarm {
             by_node: HashMap::new(),
             known: HashMap::new(),
             dialing: HashSet::new(),
+            dial_idle_until: 0,
             first_news: Window::new(config.window * 2, 0),
             requests: HashMap::new(),
             parents: vec![None; k],
@@ -588,6 +593,7 @@ impl Swarm {
     /// A connection is up (TLS has authenticated `node`). Says hello.
     pub fn handle_connected(&mut self, now: Time, conn: ConnId, node: NodeId, addr: SocketAddr, outbound: bool) {
         self.dialing.remove(&node);
+        self.dial_again();
         if let Some(k) = self.known.get_mut(&node) {
             if k.banned_until > now {
                 self.outputs.push_back(Output::Disconnect { conn, reason: GoodbyeReason::Misbehaved });
@@ -612,6 +618,7 @@ impl Swarm {
     /// A dial failed.
     pub fn handle_connect_failed(&mut self, now: Time, node: NodeId) {
         self.dialing.remove(&node);
+        self.dial_again();
         if let Some(k) = self.known.get_mut(&node) {
             k.failures += 1;
             k.retry_at = now + (1_000_000u64 << k.failures.min(6));
@@ -638,6 +645,7 @@ impl Swarm {
             if let Some(k) = self.known.get_mut(&id) {
                 k.retry_at = now + 2_000_000;
             }
+            self.dial_again();
         }
         for p in self.parents.iter_mut() {
             if *p == Some(conn) {
@@ -718,6 +726,7 @@ impl Swarm {
                 {
                     // A full node is worth retrying later, not now.
                     k.retry_at = now + if reason == GoodbyeReason::Full { 10_000_000 } else { 5_000_000 };
+                    self.dial_again();
                 }
                 self.outputs.push_back(Output::Disconnect { conn, reason: GoodbyeReason::Leaving });
                 self.handle_disconnected(now, conn);
@@ -843,8 +852,11 @@ impl Swarm {
         if self.known.len() >= MAX_KNOWN && !self.known.contains_key(&p.id) {
             return;
         }
-        let k =
-            self.known.entry(p.id).or_insert(Known { addrs: Vec::new(), banned_until: 0, failures: 0, retry_at: now });
+        let k = self.known.entry(p.id).or_insert_with(|| {
+            // A node we did not know: worth dialing.
+            self.dial_idle_until = 0;
+            Known { addrs: Vec::new(), banned_until: 0, failures: 0, retry_at: now }
+        });
         k.addrs = p.addrs;
         k.addrs.truncate(crate::wire::MAX_ADDRS);
     }
@@ -1919,24 +1931,31 @@ impl Swarm {
         }
     }
 
+    /// Something changed that may make a known node worth dialing before `dial_idle_until`.
+    fn dial_again(&mut self) {
+        self.dial_idle_until = 0;
+    }
+
     fn maintain_membership(&mut self, now: Time) {
         // Dial until we have enough neighbours.
         let have = self.neighbours.len() + self.dialing.len();
-        if have < self.config.target_neighbours {
-            let mut candidates: Vec<NodeId> = self
-                .known
-                .iter()
-                .filter(|(id, k)| {
-                    k.banned_until <= now
-                        && k.retry_at <= now
-                        && !self.by_node.contains_key(*id)
-                        && !self.dialing.contains(*id)
-                })
-                .map(|(id, _)| *id)
-                .collect();
+        if have < self.config.target_neighbours && now >= self.dial_idle_until {
+            // (A node short of neighbours would otherwise sift every node it knows, every tick.)
+            let mut next = Time::MAX;
+            let mut candidates = Vec::new();
+            for (id, k) in &self.known {
+                if k.banned_until > now || k.retry_at > now {
+                    next = next.min(k.banned_until.max(k.retry_at));
+                } else if !self.by_node.contains_key(id) && !self.dialing.contains(id) {
+                    candidates.push(*id);
+                }
+            }
+            let need = self.config.target_neighbours - have;
+            // All of them dialed now: nobody else until a wait runs out or something changes.
+            self.dial_idle_until = if candidates.len() <= need { next } else { 0 };
             candidates.sort_unstable();
             self.rng.shuffle(&mut candidates);
-            for id in candidates.into_iter().take(self.config.target_neighbours - have) {
+            for id in candidates.into_iter().take(need) {
                 let Some(k) = self.known.get_mut(&id) else { continue };
                 k.retry_at = now + 3_000_000;
                 self.dialing.insert(id);
