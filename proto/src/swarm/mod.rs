@@ -375,6 +375,24 @@ struct Known {
     banned_until: Time,
     failures: u32,
     retry_at: Time,
+    /// Whether it is in `by_node` (connected, hello done) and in `dialing`: a node short of
+    /// neighbours sifts every known node for dialable ones, and this spares it two hash lookups
+    /// per node. Kept by the helpers that change those tables.
+    connected: bool,
+    dialing: bool,
+}
+
+impl Known {
+    fn new(id: NodeId, now: Time, by_node: &HashMap<NodeId, ConnId>, dialing: &HashSet<NodeId>) -> Self {
+        Known {
+            addrs: Vec::new(),
+            banned_until: 0,
+            failures: 0,
+            retry_at: now,
+            connected: by_node.contains_key(&id),
+            dialing: dialing.contains(&id),
+        }
+    }
 }
 
 /// One node's state machine. See the module docs.
@@ -592,7 +610,7 @@ impl Swarm {
 
     /// A connection is up (TLS has authenticated `node`). Says hello.
     pub fn handle_connected(&mut self, now: Time, conn: ConnId, node: NodeId, addr: SocketAddr, outbound: bool) {
-        self.dialing.remove(&node);
+        self.stop_dialing(node);
         self.dial_again();
         if let Some(k) = self.known.get_mut(&node) {
             if k.banned_until > now {
@@ -617,7 +635,7 @@ impl Swarm {
 
     /// A dial failed.
     pub fn handle_connect_failed(&mut self, now: Time, node: NodeId) {
-        self.dialing.remove(&node);
+        self.stop_dialing(node);
         self.dial_again();
         if let Some(k) = self.known.get_mut(&node) {
             k.failures += 1;
@@ -641,6 +659,9 @@ impl Swarm {
         if let Some(id) = n.node {
             if self.by_node.get(&id) == Some(&conn) {
                 self.by_node.remove(&id);
+                if let Some(k) = self.known.get_mut(&id) {
+                    k.connected = false;
+                }
             }
             if let Some(k) = self.known.get_mut(&id) {
                 k.retry_at = now + 2_000_000;
@@ -852,10 +873,11 @@ impl Swarm {
         if self.known.len() >= MAX_KNOWN && !self.known.contains_key(&p.id) {
             return;
         }
+        let (by_node, dialing) = (&self.by_node, &self.dialing);
         let k = self.known.entry(p.id).or_insert_with(|| {
             // A node we did not know: worth dialing.
             self.dial_idle_until = 0;
-            Known { addrs: Vec::new(), banned_until: 0, failures: 0, retry_at: now }
+            Known::new(p.id, now, by_node, dialing)
         });
         k.addrs = p.addrs;
         k.addrs.truncate(crate::wire::MAX_ADDRS);
@@ -865,12 +887,8 @@ impl Swarm {
         self.counters.bans += 1;
         let id = self.neighbours.get(&conn).and_then(|n| n.node.or(n.expected));
         if let Some(id) = id {
-            let k = self.known.entry(id).or_insert(Known {
-                addrs: Vec::new(),
-                banned_until: 0,
-                failures: 0,
-                retry_at: now,
-            });
+            let (by_node, dialing) = (&self.by_node, &self.dialing);
+            let k = self.known.entry(id).or_insert_with(|| Known::new(id, now, by_node, dialing));
             k.banned_until = now + self.config.ban_duration_us;
         }
         self.send(
@@ -889,16 +907,21 @@ impl Swarm {
     }
 
     fn sample_peers(&mut self, except: ConnId, max: usize) -> Vec<NodeAddr> {
-        let mut peers: Vec<NodeAddr> = self
+        // Chosen by id and connection, and only the chosen ones' addresses copied: a full node
+        // turning away a crowd of joiners does this for every one of them.
+        let mut peers: Vec<(NodeId, ConnId)> = self
             .neighbours
             .iter()
             .filter(|(c, n)| **c != except && !n.listen.is_empty())
-            .filter_map(|(_, n)| Some(NodeAddr { id: n.node?, addrs: n.listen.clone() }))
+            .filter_map(|(c, n)| Some((n.node?, *c)))
             .collect();
-        peers.sort_by_key(|p| p.id);
+        peers.sort_by_key(|p| p.0);
         self.rng.shuffle(&mut peers);
         peers.truncate(max);
         peers
+            .into_iter()
+            .filter_map(|(id, c)| Some(NodeAddr { id, addrs: self.neighbours.get(&c)?.listen.clone() }))
+            .collect()
     }
 
     fn on_hello(&mut self, now: Time, conn: ConnId, hello: Hello) {
@@ -937,6 +960,9 @@ impl Swarm {
         n.listen = hello.listen.clone();
         n.listen.truncate(crate::wire::MAX_ADDRS);
         self.by_node.insert(hello.node, conn);
+        if let Some(k) = self.known.get_mut(&hello.node) {
+            k.connected = true;
+        }
         if !hello.listen.is_empty() {
             self.learn(now, NodeAddr { id: hello.node, addrs: hello.listen });
         }
@@ -1931,6 +1957,14 @@ impl Swarm {
         }
     }
 
+    /// We are no longer dialing `node` (the dial ended either way).
+    fn stop_dialing(&mut self, node: NodeId) {
+        self.dialing.remove(&node);
+        if let Some(k) = self.known.get_mut(&node) {
+            k.dialing = false;
+        }
+    }
+
     /// Something changed that may make a known node worth dialing before `dial_idle_until`.
     fn dial_again(&mut self) {
         self.dial_idle_until = 0;
@@ -1944,9 +1978,10 @@ impl Swarm {
             let mut next = Time::MAX;
             let mut candidates = Vec::new();
             for (id, k) in &self.known {
+                debug_assert_eq!((k.connected, k.dialing), (self.by_node.contains_key(id), self.dialing.contains(id)));
                 if k.banned_until > now || k.retry_at > now {
                     next = next.min(k.banned_until.max(k.retry_at));
-                } else if !self.by_node.contains_key(id) && !self.dialing.contains(id) {
+                } else if !k.connected && !k.dialing {
                     candidates.push(*id);
                 }
             }
@@ -1958,6 +1993,7 @@ impl Swarm {
             for id in candidates.into_iter().take(need) {
                 let Some(k) = self.known.get_mut(&id) else { continue };
                 k.retry_at = now + 3_000_000;
+                k.dialing = true;
                 self.dialing.insert(id);
                 self.outputs.push_back(Output::Connect(NodeAddr { id, addrs: k.addrs.clone() }));
             }
