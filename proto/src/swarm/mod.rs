@@ -417,6 +417,8 @@ pub struct Swarm {
     first_news: Window<Time>,
     /// Requests in flight: seq -> (conn, deadline).
     requests: HashMap<u64, (ConnId, Time)>,
+    /// Whether the last recount of each neighbour's requests in flight found none at all.
+    requests_counted_none: bool,
     /// Parent per substream.
     parents: Vec<Option<ConnId>>,
     /// Per substream: a better parent asked while the current one keeps pushing, and when to
@@ -493,6 +495,7 @@ impl Swarm {
             dial_idle_until: 0,
             first_news: Window::new(config.window * 2, 0),
             requests: HashMap::new(),
+            requests_counted_none: true,
             parents: vec![None; k],
             parent_since: vec![0; k],
             switching: vec![None; k],
@@ -1625,7 +1628,12 @@ impl Swarm {
             }
             self.send(conn, Message::Request { seqs });
         }
-        // Recount in-flight requests per neighbour (cheap and never drifts).
+        // Recount in-flight requests per neighbour (never drifts). With none in flight now and none
+        // at the last count, every count is zero already.
+        if self.requests.is_empty() && self.requests_counted_none {
+            return;
+        }
+        self.requests_counted_none = self.requests.is_empty();
         for n in self.neighbours.values_mut() {
             n.requests_out = 0;
         }
@@ -1746,8 +1754,8 @@ impl Swarm {
     }
 
     /// More children we would take in substream `s` now (the rules of `on_subscribe`), given the
-    /// children per substream.
-    fn spare(&self, s: usize, per: &[usize], now: Time) -> u8 {
+    /// children per substream and how many of our leaf children in `s` a relay may displace.
+    fn spare(&self, s: usize, per: &[usize], releasable: usize) -> u8 {
         let taken_here = per.get(s).copied().unwrap_or(0);
         let spare = if self.config.role == Role::Origin {
             let free = self.config.origin_fanout.saturating_sub(taken_here);
@@ -1762,7 +1770,7 @@ impl Swarm {
             }
         };
         // A relay may also take the place of a leaf child (see `evict_leaf_for`).
-        let spare = if spare == 0 { self.releasable_leaves(s, now).count() } else { spare };
+        let spare = if spare == 0 { releasable } else { spare };
         spare.min(usize::from(u8::MAX)) as u8
     }
 
@@ -1778,12 +1786,26 @@ impl Swarm {
     }
 
     fn tree_places(&self, now: Time) -> Vec<TreePlace> {
-        let per = self.children_per_substream();
-        (0..self.parents.len())
+        // Children and releasable leaves per substream in one pass over the neighbours (this runs
+        // every tick once the last announcement is old enough).
+        let k = self.parents.len();
+        let (mut per, mut releasable) = (vec![0usize; k], vec![0usize; k]);
+        for n in self.neighbours.values() {
+            for s16 in n.child_of.iter() {
+                let s = usize::from(s16);
+                let Some(c) = per.get_mut(s) else { continue };
+                *c += 1;
+                let leaf = n.tree_place(s).is_some_and(|p| !p.relays());
+                if leaf && n.child_since.get(&s16).is_some_and(|since| now >= since + LEAF_TENURE_US) {
+                    releasable[s] += 1;
+                }
+            }
+        }
+        (0..k)
             .map(|s| TreePlace {
                 depth: self.depth(s),
                 children: per[s].min(255) as u8,
-                spare: self.spare(s, &per, now),
+                spare: self.spare(s, &per, releasable[s]),
             })
             .collect()
     }
@@ -1825,7 +1847,17 @@ impl Swarm {
             self.refused[s].expire(now);
             let s16 = s as u16;
             let has_children = per.get(s).is_some_and(|&c| c > 0);
-            let depth = self.depth(s);
+            // The parent, looked up once: (whether we trust it, its depth).
+            let parent = self.parents[s].map(|p| {
+                self.neighbours
+                    .get(&p)
+                    .map_or((false, NO_DEPTH), |n| (n.trusted(now), n.tree_place(s).map_or(NO_DEPTH, |t| t.depth)))
+            });
+            let depth = match parent {
+                Some((_, d)) if d < NO_DEPTH - 1 => d + 1,
+                _ => NO_DEPTH,
+            };
+            debug_assert_eq!(depth, self.depth(s));
             if !has_children {
                 self.feasible[s] = NO_DEPTH;
             } else if depth != NO_DEPTH {
@@ -1833,7 +1865,7 @@ impl Swarm {
             }
             if let Some(p) = self.parents[s]
                 && (self.parent_misses[s] >= self.config.parent_max_misses
-                    || self.neighbours.get(&p).is_none_or(|n| !n.trusted(now)))
+                    || parent.is_some_and(|(trusted, _)| !trusted))
             {
                 // It announces chunks and does not push them: a stalled or free-riding parent.
                 self.refused[s].insert(p, now + 30_000_000);
@@ -1858,7 +1890,12 @@ impl Swarm {
             if let Some(p) = self.parents[s] {
                 // A working parent is reviewed now and then, not every tick (it is the hot path of
                 // a large simulation): at once when it has lost its own path, else after the dwell.
-                let parent_depth = self.neighbours.get(&p).and_then(|n| n.tree_place(s)).map_or(NO_DEPTH, |t| t.depth);
+                // (Still the parent looked up above: a change of parent ends this round.)
+                let parent_depth = parent.map_or(NO_DEPTH, |(_, d)| d);
+                debug_assert_eq!(
+                    parent_depth,
+                    self.neighbours.get(&p).and_then(|n| n.tree_place(s)).map_or(NO_DEPTH, |t| t.depth)
+                );
                 let cut_off = if parent_depth == NO_DEPTH {
                     now >= *self.parent_cut_since[s].get_or_insert(now) + PARENT_CUT_PATIENCE_US
                 } else {
