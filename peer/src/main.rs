@@ -12,6 +12,12 @@ use crowdsurf_proto::wire::Role;
 use crowdsurf_proto::{NodeKey, Ticket};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than the system allocator: a node allocates a little for every message, and a
+/// large simulation does that hundreds of millions of times (10,000 peers at 100 ms chunks run about
+/// a quarter faster with it, for about a quarter more memory).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Relay a crowdsurf live stream: join the swarm named by a ticket, receive every chunk, verify it,
 /// and pass it on to other viewers. Shows a one-line live status on a terminal.
 ///
