@@ -1780,9 +1780,8 @@ impl Swarm {
         let s16 = s as u16;
         self.neighbours
             .iter()
-            .filter(move |(_, n)| n.child_of.contains(s16) && n.tree_place(s).is_some_and(|p| !p.relays()))
+            .filter(move |(_, n)| n.child_of.contains(s16) && releasable_leaf(n, s, now))
             .filter_map(move |(c, n)| Some((*n.child_since.get(&s16)?, *c)))
-            .filter(move |(since, _)| now >= since + LEAF_TENURE_US)
     }
 
     fn tree_places(&self, now: Time) -> Vec<TreePlace> {
@@ -1795,8 +1794,7 @@ impl Swarm {
                 let s = usize::from(s16);
                 let Some(c) = per.get_mut(s) else { continue };
                 *c += 1;
-                let leaf = n.tree_place(s).is_some_and(|p| !p.relays());
-                if leaf && n.child_since.get(&s16).is_some_and(|since| now >= since + LEAF_TENURE_US) {
+                if releasable_leaf(n, s, now) {
                     releasable[s] += 1;
                 }
             }
@@ -2056,6 +2054,13 @@ impl Swarm {
             self.goodbye(now, c, GoodbyeReason::Useless, "no hello");
         }
     }
+}
+
+/// Whether `n`, a child of ours in substream `s`, is a leaf there that has held its place for
+/// [`LEAF_TENURE_US`]: one a relay may take the place of.
+fn releasable_leaf(n: &Neighbour, s: usize, now: Time) -> bool {
+    let leaf = n.tree_place(s).is_some_and(|p| !p.relays());
+    leaf && n.child_since.get(&(s as u16)).is_some_and(|since| now >= since + LEAF_TENURE_US)
 }
 
 /// On the origin: chunks it may send beyond its upload budget in a burst.
