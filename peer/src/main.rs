@@ -374,7 +374,7 @@ fn run_sim(a: SimArgs) -> Result<()> {
         ..Default::default()
     };
     eprintln!("simulating {} peers for {:?} of stream (seed {})...", a.peers, a.duration, a.seed);
-    let report = crowdsurf_peer::simulate::run(&sc);
+    let report = crowdsurf_peer::simulate::run_with_progress(&sc, Duration::from_millis(100), sim_status());
     println!("{}", report.headline());
     println!("simulated in {:.1} s of wall time", report.wall_s);
     if let Some(path) = &a.report {
@@ -386,6 +386,33 @@ fn run_sim(a: SimArgs) -> Result<()> {
         eprintln!("plots written to {}", dir.display());
     }
     Ok(())
+}
+
+/// A progress line on stderr every few seconds of wall time while a simulation runs: how much virtual
+/// time is done, how many relays are present, continuity so far and a rough time to go (the joins at
+/// the start cost more than their share, so the first estimates run long).
+fn sim_status() -> impl FnMut(&crowdsurf_proto::swarm::sim::Progress) {
+    const EVERY: Duration = Duration::from_secs(5);
+    let wall = std::time::Instant::now();
+    let mut last = wall;
+    move |p| {
+        if last.elapsed() < EVERY {
+            return;
+        }
+        last = std::time::Instant::now();
+        let spent = wall.elapsed().as_secs_f64();
+        let done = p.elapsed_us as f64 / p.total_us.max(1) as f64;
+        let due = p.delivered + p.skipped;
+        let continuity = if due == 0 { 100.0 } else { 100.0 * p.delivered as f64 / due as f64 };
+        let to_go = if done > 0.0 { spent * (1.0 - done) / done } else { 0.0 };
+        eprintln!(
+            "[{:>6.1}s of {:.1}s] relays {:>6} | events {:>7.1} M | continuity so far {continuity:>8.4} % | {spent:>5.0} s wall, about {to_go:.0} s to go",
+            p.elapsed_us as f64 / 1e6,
+            p.total_us as f64 / 1e6,
+            p.present,
+            p.events as f64 / 1e6,
+        );
+    }
 }
 
 /// Reads the fields the scaling plot needs back from report files.

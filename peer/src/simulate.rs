@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use crowdsurf_proto::swarm::sim::{NodeSpec, Sim, SimConfig};
+use crowdsurf_proto::swarm::sim::{NodeSpec, Progress, Sim, SimConfig};
 
 use crate::report::{Event, PeerRaw, Report, RunTotals, Scenario};
 
@@ -94,6 +94,11 @@ pub fn upload_factor(rng: &mut fastrand::Rng, upload_mean: f64, slow_share: f64)
 
 /// Runs the scenario and reports.
 pub fn run(sc: &SimScenario) -> Report {
+    run_with_progress(sc, Duration::MAX, |_| {})
+}
+
+/// Runs the scenario and reports, calling `on_progress` after every `every` of virtual time.
+pub fn run_with_progress(sc: &SimScenario, every: Duration, on_progress: impl FnMut(&Progress)) -> Report {
     let mut rng = fastrand::Rng::with_seed(sc.seed);
     let bitrate = sc.bitrate_bps as f64;
     let spec = |join_at: u64, rng: &mut fastrand::Rng| {
@@ -169,7 +174,8 @@ pub fn run(sc: &SimScenario) -> Report {
     let chunk_bytes = cfg.bitrate_bps * u64::from(cfg.chunk_us) / 8 / 1_000_000;
     let origin_upload = cfg.origin_upload_bps;
     let wall = Instant::now();
-    let result = Sim::new(cfg).run();
+    let every_us = u64::try_from(every.as_micros()).unwrap_or(u64::MAX);
+    let result = Sim::new(cfg).run_with_progress(every_us, on_progress);
     let start = result.start_us;
     let raw: Vec<PeerRaw> = result
         .nodes

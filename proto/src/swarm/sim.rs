@@ -172,6 +172,23 @@ pub struct SimResult {
     pub parent_loops: u64,
 }
 
+/// How far a run has got, handed to the callback of [`Sim::run_with_progress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Virtual time since the run started, µs.
+    pub elapsed_us: Time,
+    /// Virtual time the whole run takes, µs (the stream, then a drain for the last chunks).
+    pub total_us: Time,
+    /// Events processed so far.
+    pub events: u64,
+    /// Relays present now (joined and not left; adversaries included).
+    pub present: usize,
+    /// Chunks delivered at the relays' playback cursors so far.
+    pub delivered: u64,
+    /// Chunks the relays skipped at their deadline so far.
+    pub skipped: u64,
+}
+
 /// What travels on a simulated connection. Every queued event is the size of the largest, so the
 /// rare large one (a forged chunk) is boxed.
 enum Payload {
@@ -242,6 +259,8 @@ pub struct Sim {
     next_seq: u64,
     results: Vec<NodeResult>,
     out: SimResult,
+    /// Running totals for [`Progress`].
+    progress: Progress,
     chunk_bytes: u64,
     origin_chunks: HashMap<u64, [u8; 32]>,
 }
@@ -290,6 +309,7 @@ impl Sim {
             next_seq: 1000,
             results: Vec::new(),
             out: SimResult::default(),
+            progress: Progress::default(),
             chunk_bytes,
             origin_chunks: HashMap::new(),
             cfg,
@@ -413,15 +433,34 @@ impl Sim {
             swarm.add_peers(self.now, boot);
         }
         self.nodes[i].swarm = Some(swarm);
+        if i != 0 {
+            self.progress.present += 1;
+        }
         self.pump(i);
     }
 
     /// Runs to the end and returns what every node saw.
-    pub fn run(mut self) -> SimResult {
-        let end = self.now + self.cfg.duration_us + 1_500_000;
+    pub fn run(self) -> SimResult {
+        self.run_with_progress(Time::MAX, |_| {})
+    }
+
+    /// Runs to the end like [`Sim::run`], and calls `on_progress` each time another `every_us` of
+    /// virtual time has gone by. The callback only watches: the run and its result are the same.
+    pub fn run_with_progress(mut self, every_us: Time, mut on_progress: impl FnMut(&Progress)) -> SimResult {
+        let begin = self.now;
+        let drain = 1_500_000;
+        let end = begin + self.cfg.duration_us + drain;
+        self.progress.total_us = end - begin;
+        let mut next_report = begin.saturating_add(every_us.max(1));
         while let Some((at, _, event)) = self.queue.pop() {
             if at > end {
                 break;
+            }
+            while at >= next_report {
+                self.progress.elapsed_us = next_report - begin;
+                self.progress.events = self.out.events;
+                on_progress(&self.progress);
+                next_report = next_report.saturating_add(every_us.max(1));
             }
             self.now = at;
             self.out.events += 1;
@@ -470,6 +509,7 @@ impl Sim {
             Event::Leave(i) => {
                 if let Some(s) = self.nodes[i].swarm.take() {
                     self.record_end(i, &s, false);
+                    self.progress.present -= 1;
                 }
                 let gone: Vec<ConnId> = (0..self.conns.len())
                     .filter(|&c| self.conns[c].is_some_and(|end| end.owner == i))
@@ -647,6 +687,7 @@ impl Sim {
                         let r = &mut self.results[i - 1];
                         r.delivered += 1;
                         r.first_delivery_at.get_or_insert(now);
+                        self.progress.delivered += 1;
                         if self.origin_chunks.get(&chunk.seq()) != Some(&chunk.header().payload_hash) {
                             r.forged_delivered += 1;
                         }
@@ -655,6 +696,7 @@ impl Sim {
                 Output::Skip { .. } => {
                     if i > 0 {
                         self.results[i - 1].skipped += 1;
+                        self.progress.skipped += 1;
                     }
                 }
                 Output::Arrived { seq, capture_us, path, .. } => {

@@ -1,6 +1,6 @@
 //! Virtual-time tests of the state machine: dozens of nodes in the simulator.
 
-use super::sim::{Adversary, NodeSpec, Sim, SimConfig, SimResult};
+use super::sim::{Adversary, NodeSpec, Progress, Sim, SimConfig, SimResult};
 
 fn nodes(n: usize, seed: u64, upload_bps: u64) -> Vec<NodeSpec> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -73,6 +73,39 @@ fn same_seed_same_outcome() {
     };
     assert_eq!(key(&a), key(&b));
     assert_eq!(a.events, b.events);
+}
+
+#[test]
+fn progress_reports_watch_the_run_without_changing_it() {
+    let mut cfg = scenario(15);
+    // Two relays leave mid-run: the present count must go down with them.
+    cfg.nodes[3].leave_at = Some(8_000_000);
+    cfg.nodes[7].leave_at = Some(12_000_000);
+    let plain = Sim::new(cfg.clone()).run();
+    let mut seen: Vec<Progress> = Vec::new();
+    let watched = Sim::new(cfg).run_with_progress(1_000_000, |p| seen.push(*p));
+    assert_eq!(plain.events, watched.events);
+    let key = |r: &SimResult| r.nodes.iter().map(|n| (n.delivered, n.skipped, n.counters.push)).collect::<Vec<_>>();
+    assert_eq!(key(&plain), key(&watched));
+
+    // One report per virtual second of the run (20 s of stream and the drain), in order.
+    assert_eq!(seen.len(), 21, "{seen:?}");
+    for (k, p) in seen.iter().enumerate() {
+        assert_eq!(p.elapsed_us, (k as u64 + 1) * 1_000_000);
+        assert_eq!(p.total_us, 21_500_000);
+    }
+    for w in seen.windows(2) {
+        assert!(w[0].events <= w[1].events && w[0].delivered <= w[1].delivered && w[0].skipped <= w[1].skipped);
+    }
+    // All 15 joined by 0.4 s; two left at 8 s and 12 s.
+    assert_eq!(seen[1].present, 15);
+    assert_eq!(seen[8].present, 14);
+    assert_eq!(seen[20].present, 13);
+    let last = seen[seen.len() - 1];
+    let delivered: u64 = watched.nodes.iter().map(|n| n.delivered).sum();
+    let skipped: u64 = watched.nodes.iter().map(|n| n.skipped).sum();
+    assert!(last.delivered > 0 && last.delivered <= delivered && last.skipped <= skipped);
+    assert!(last.events < watched.events);
 }
 
 #[test]
