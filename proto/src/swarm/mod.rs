@@ -161,9 +161,11 @@ pub struct Config {
     /// takes), so the first tier spans several nodes.
     pub origin_slots_per_node: usize,
     /// On the origin: its chunk upload stays within this multiple of the stream it has published,
-    /// first-tier pushes included. Repair answers come out of what the first tier leaves unused
-    /// (slots not yet taken, rotations), so the broadcaster's upload stays flat; the one exception
-    /// is a rescue copy (`origin_free_repairs`) of a chunk its first tier failed to spread.
+    /// first-tier pushes included. Repair answers, catch-up pushes to a new child and pushes to a
+    /// leaf it let go for a relay come out of what the first tier leaves unused (slots not yet
+    /// taken, rotations, children that left), so the broadcaster's upload stays flat; the one
+    /// exception is a rescue copy (`origin_free_repairs`) of a chunk its first tier failed to
+    /// spread.
     pub origin_max_upload: f64,
 }
 
@@ -1374,7 +1376,14 @@ impl Swarm {
             let grandchildren = n.and_then(|n| n.tree_place(usize::from(substream))).map_or(0, |p| p.children);
             (released, std::cmp::Reverse(grandchildren))
         });
+        let origin = self.config.role == Role::Origin;
         for (place, conn) in children.into_iter().enumerate() {
+            let released = self.neighbours.get(&conn).is_none_or(|n| !n.child_of.contains(substream));
+            if origin && released && self.origin_over_budget(chunk.payload().len()) {
+                // The origin's first tier is its budget: a leaf it let go is pushed to only from
+                // what the tier leaves unused, and pulls what it misses while it moves.
+                continue;
+            }
             if self.neighbours.get(&conn).is_some_and(|n| n.uploads >= STUCK_UPLOADS) {
                 // A child that does not take what we send (a slow or hostile reader) would tie up our
                 // uplink and queue chunks without end: stop pushing to it; it can subscribe elsewhere.
@@ -2227,6 +2236,37 @@ mod one_node {
         let later = at + LEAF_RELEASE_US + 1;
         swarm.handle_chunk(later, source, chunk(1004, later));
         assert_eq!(pushed_to(&drain(&mut swarm)), vec![relay]);
+    }
+
+    /// The origin lets a leaf go for a relay like any node, but its pushes to the leaf while it
+    /// moves come out of the upload budget: with the budget spent on its first tier, only the relay
+    /// that took the place gets the chunk; with room left, the leaf gets it too.
+    #[test]
+    fn the_origin_pushes_to_a_leaf_it_let_go_only_within_its_budget() {
+        let (leaf, relay, asker) = (ConnId(1), ConnId(2), ConnId(3));
+        let pushes_after_release = |origin_max_upload: f64| {
+            let config = Config { role: Role::Origin, origin_fanout: 1, origin_max_upload, ..Config::default() };
+            let (mut swarm, key) = swarm_with(config, &[LEAF, RELAY, RELAY]);
+            let chunk = |seq: u64, now: Time| {
+                Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"))
+            };
+            assert!(unsubscribed(&subscribe(&mut swarm, 0, leaf)).is_empty(), "a free slot was refused");
+            for seq in [1000, 1004] {
+                swarm.publish(0, chunk(seq, 0));
+                assert_eq!(pushed_to(&drain(&mut swarm)), vec![leaf]);
+            }
+            // Two repair answers spend the burst allowance.
+            swarm.handle_message(1, asker, Message::Request { seqs: vec![1000, 1004] });
+            assert_eq!(pushed_to(&drain(&mut swarm)), vec![asker, asker]);
+            let at = LEAF_TENURE_US + 1;
+            assert_eq!(unsubscribed(&subscribe(&mut swarm, at, relay)), vec![leaf], "the leaf was not let go");
+            swarm.publish(at, chunk(1008, at));
+            pushed_to(&drain(&mut swarm))
+        };
+        // One copy of the stream: every byte went to the first tier (and the allowance).
+        assert_eq!(pushes_after_release(1.0), vec![relay], "the origin went over its budget for a leaf");
+        // Two copies: half the budget is unused, and the leaf is pushed to while it moves.
+        assert_eq!(pushes_after_release(2.0), vec![relay, leaf]);
     }
 
     /// `Tree` goes out when what neighbours act on changes (room or none, children or none, depth),
