@@ -267,8 +267,13 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
     let mut rng = fastrand_like(cfg.seed ^ 0xc0ffee);
     let end = start + cfg.duration;
     let mut published = 0u64;
+    let warm_up = start + Duration::from_secs_f64(crate::report::WARM_UP_S);
+    let mut at_warm_up = None;
     while Instant::now() < end {
         tokio::select! {
+            () = tokio::time::sleep_until(warm_up.into()), if at_warm_up.is_none() => {
+                at_warm_up = Some((published, origin.stats().counters.chunk_bytes_up));
+            }
             _ = chunk_tick.tick() => {
                 origin.publish(source.next_chunk(now_us()));
                 published += 1;
@@ -371,6 +376,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         published,
         chunk_bytes: cfg.bitrate_bps * u64::from(cfg.chunk_ms) / 8000,
         origin_bytes_up: origin_stats.counters.chunk_bytes_up,
+        at_warm_up,
         origin: origin_stats.node.clone(),
         origin_upload_bps,
         cpu_per_peer: Some(cpu / cfg.duration.as_secs_f64() / peers.len().max(1) as f64),

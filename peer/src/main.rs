@@ -374,7 +374,7 @@ fn run_sim(a: SimArgs) -> Result<()> {
         ..Default::default()
     };
     eprintln!("simulating {} peers for {:?} of stream (seed {})...", a.peers, a.duration, a.seed);
-    let report = crowdsurf_peer::simulate::run_with_progress(&sc, Duration::from_millis(100), sim_status());
+    let report = crowdsurf_peer::simulate::run_with_progress(&sc, sim_status());
     println!("{}", report.headline());
     println!("simulated in {:.1} s of wall time", report.wall_s);
     if let Some(path) = &a.report {

@@ -156,6 +156,10 @@ pub struct Report {
     pub joiners_never_started: usize,
     /// The origin's chunk upload / stream bytes.
     pub origin_upload_ratio: f64,
+    /// The same from [`WARM_UP_S`] on: chunk bytes the origin sent after it over the stream bytes
+    /// published after it (its steady upload, without the start-up's repairs; None for a run
+    /// shorter than the warm-up).
+    pub origin_upload_ratio_after_warm_up: Option<f64>,
     /// Duplicates / chunks stored.
     pub duplicate_ratio: f64,
     /// Share of stored chunks that came by push.
@@ -197,6 +201,9 @@ pub struct RunTotals {
     pub chunk_bytes: u64,
     /// The origin's chunk bytes sent.
     pub origin_bytes_up: u64,
+    /// Chunks published and the origin's chunk bytes sent by [`WARM_UP_S`] into the run (None if
+    /// the run ended first).
+    pub at_warm_up: Option<(u64, u64)>,
     /// The origin's short id.
     pub origin: String,
     /// The origin's upload, bits per second (None: unlimited).
@@ -371,6 +378,10 @@ impl Report {
             joiner_startup_max_s: joiner_startups.last().copied().unwrap_or(0.0),
             joiners_never_started,
             origin_upload_ratio: ratio(totals.origin_bytes_up, totals.published * totals.chunk_bytes),
+            origin_upload_ratio_after_warm_up: totals.at_warm_up.and_then(|(published, bytes_up)| {
+                let after = totals.published.checked_sub(published).filter(|&n| n > 0)?;
+                Some(ratio(totals.origin_bytes_up.saturating_sub(bytes_up), after * totals.chunk_bytes))
+            }),
             duplicate_ratio: ratio(dups, push + pull),
             push_share: ratio(push, push + pull),
             control_overhead: ratio(sum(|p| p.control_bytes_up), chunk_up),
@@ -416,6 +427,9 @@ impl Report {
                 " | after {WARM_UP_S:.0} s: p50 {:.0} ms p99 {:.0} ms",
                 self.arrival_latency_after_warm_up.p50_ms, self.arrival_latency_after_warm_up.p99_ms
             ));
+            if let Some(origin) = self.origin_upload_ratio_after_warm_up {
+                line.push_str(&format!(" origin {origin:.3}x"));
+            }
         }
         if let Some(lag) = &self.scheduler_lag {
             line.push_str(&format!(" | scheduler lag p99 {:.1} ms max {:.0} ms", lag.p99_ms, lag.max_ms));
@@ -624,5 +638,26 @@ mod plots {
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
         chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(e)?;
         root.present().map_err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin_after_warm_up(at_warm_up: Option<(u64, u64)>) -> Option<f64> {
+        let totals =
+            RunTotals { published: 100, chunk_bytes: 1000, origin_bytes_up: 212_000, at_warm_up, ..Default::default() };
+        Report::build("sim", Scenario::default(), &totals, &[], Vec::new()).origin_upload_ratio_after_warm_up
+    }
+
+    /// The steady figure leaves out what the origin sent before the warm-up, bytes and chunks both.
+    #[test]
+    fn the_origin_ratio_after_the_warm_up_counts_only_what_came_after() {
+        // 20 chunks and 52 kB by the warm-up; 80 chunks and 160 kB after it.
+        assert_eq!(origin_after_warm_up(Some((20, 52_000))), Some(2.0));
+        // Nothing published after the warm-up, or a run that ended before it: no figure.
+        assert_eq!(origin_after_warm_up(Some((100, 212_000))), None);
+        assert_eq!(origin_after_warm_up(None), None);
     }
 }

@@ -94,11 +94,11 @@ pub fn upload_factor(rng: &mut fastrand::Rng, upload_mean: f64, slow_share: f64)
 
 /// Runs the scenario and reports.
 pub fn run(sc: &SimScenario) -> Report {
-    run_with_progress(sc, Duration::MAX, |_| {})
+    run_with_progress(sc, |_| {})
 }
 
-/// Runs the scenario and reports, calling `on_progress` after every `every` of virtual time.
-pub fn run_with_progress(sc: &SimScenario, every: Duration, on_progress: impl FnMut(&Progress)) -> Report {
+/// Runs the scenario and reports, calling `on_progress` after every 100 ms of virtual time.
+pub fn run_with_progress(sc: &SimScenario, mut on_progress: impl FnMut(&Progress)) -> Report {
     let mut rng = fastrand::Rng::with_seed(sc.seed);
     let bitrate = sc.bitrate_bps as f64;
     let spec = |join_at: u64, rng: &mut fastrand::Rng| {
@@ -174,8 +174,14 @@ pub fn run_with_progress(sc: &SimScenario, every: Duration, on_progress: impl Fn
     let chunk_bytes = cfg.bitrate_bps * u64::from(cfg.chunk_us) / 8 / 1_000_000;
     let origin_upload = cfg.origin_upload_bps;
     let wall = Instant::now();
-    let every_us = u64::try_from(every.as_micros()).unwrap_or(u64::MAX);
-    let result = Sim::new(cfg).run_with_progress(every_us, on_progress);
+    let warm_up_us = (crate::report::WARM_UP_S * 1e6) as u64;
+    let mut at_warm_up = None;
+    let result = Sim::new(cfg).run_with_progress(100_000, |p| {
+        if at_warm_up.is_none() && p.elapsed_us >= warm_up_us && warm_up_us < duration {
+            at_warm_up = Some((p.published, p.origin_bytes_up));
+        }
+        on_progress(p);
+    });
     let start = result.start_us;
     let raw: Vec<PeerRaw> = result
         .nodes
@@ -218,6 +224,7 @@ pub fn run_with_progress(sc: &SimScenario, every: Duration, on_progress: impl Fn
         published: result.published,
         chunk_bytes,
         origin_bytes_up: result.origin_bytes_up,
+        at_warm_up,
         origin: result.origin_id.clone(),
         origin_upload_bps: Some(origin_upload),
         cpu_per_peer: None,

@@ -31,6 +31,9 @@ fn a_small_simulation_gives_a_consistent_report_and_plots() {
     }
     assert!(a.latency_cdf.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1), "CDF not monotone");
     assert!(a.origin_upload_ratio > 0.5 && a.origin_upload_ratio < 4.0, "origin {}", a.origin_upload_ratio);
+    // 15 s is longer than the warm-up, so there is a steady figure for the origin too.
+    let steady = a.origin_upload_ratio_after_warm_up.expect("no origin figure after the warm-up");
+    assert!(steady > 0.5 && steady < 4.0, "origin after the warm-up {steady}");
     assert!((0.0..=1.0).contains(&a.continuity) && (0.0..=1.0).contains(&a.push_share));
     // Seeded: the same scenario gives the same figures.
     let b = run(&sc);
@@ -43,4 +46,7 @@ fn a_small_simulation_gives_a_consistent_report_and_plots() {
         assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f} is not an SVG");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+    // A run shorter than the warm-up has no steady origin figure.
+    let short = run(&SimScenario { duration: Duration::from_secs(4), ..sc });
+    assert_eq!(short.origin_upload_ratio_after_warm_up, None);
 }

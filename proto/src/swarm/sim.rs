@@ -187,6 +187,10 @@ pub struct Progress {
     pub delivered: u64,
     /// Chunks the relays skipped at their deadline so far.
     pub skipped: u64,
+    /// Chunks published so far.
+    pub published: u64,
+    /// Chunk bytes (modelled) the origin has uploaded so far.
+    pub origin_bytes_up: u64,
 }
 
 /// What travels on a simulated connection. Every queued event is the size of the largest, so the
@@ -459,6 +463,8 @@ impl Sim {
             while at >= next_report {
                 self.progress.elapsed_us = next_report - begin;
                 self.progress.events = self.out.events;
+                self.progress.published = self.out.published;
+                self.progress.origin_bytes_up = self.out.origin_bytes_up;
                 on_progress(&self.progress);
                 next_report = next_report.saturating_add(every_us.max(1));
             }
