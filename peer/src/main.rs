@@ -39,7 +39,7 @@ enum Command {
     /// Example: crowdsurf-peer lab --peers 50 --duration 30s --report lab.json
     Lab(LabArgs),
     /// Simulate a swarm: the same state machine in virtual time, thousands of peers, seeded and
-    /// reproducible; writes the same report as `lab`.
+    /// reproducible; prints progress every 5 s and writes the same report as `lab`.
     ///
     /// Example: crowdsurf-peer sim --peers 10000 --duration 60s --delay-ms 30 --upload-mean 3 --slow-share 0.2
     Sim(SimArgs),
