@@ -24,6 +24,16 @@ pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
+/// Sends the nodes' `tracing` output to the test's output, filtered by `RUST_LOG` (errors only when it
+/// is unset), so `RUST_LOG=crowdsurf_proto=debug cargo test ...` shows what a failing swarm did.
+/// Idempotent: every test may call it.
+pub fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// 127.0.0.1 with a free port.
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -80,6 +90,7 @@ pub struct Swarm {
 impl Swarm {
     /// Starts an origin and `relays` honest relays.
     pub async fn start(relays: usize, seed: u8) -> Swarm {
+        log_to_test_output();
         let stream = StreamKey::from_secret_bytes([seed; 32]);
         let mut cfg = NodeConfig::new(NodeKey::from_secret_bytes([seed.wrapping_add(1); 32]), stream.id(), loopback());
         cfg.swarm.role = Role::Origin;
