@@ -227,14 +227,15 @@ impl NodeHandle {
     }
 }
 
-/// Events from connection tasks to the driver.
+/// Events from connection tasks to the driver. `Sent` says whether the receiver took the whole
+/// chunk stream (or stopped it, having the chunk already).
 enum ConnEvent {
     Up { conn: Connection, outbound: bool },
     DialFailed { node: NodeId, error: NetError },
     Message { id: ConnId, message: Message },
     Chunk { id: ConnId, chunk: Verified },
     Misbehaved { id: ConnId, what: Misbehaviour, why: String },
-    Sent { id: ConnId, seq: u64 },
+    Sent { id: ConnId, seq: u64, delivered: bool },
     Down { id: ConnId, why: String },
 }
 
@@ -433,9 +434,9 @@ impl Node {
                             }
                             self.swarm.handle_misbehaviour(now, id, what);
                         }
-                        ConnEvent::Sent { id, seq } => {
+                        ConnEvent::Sent { id, seq, delivered } => {
                             sends.remove(&(id, seq));
-                            self.swarm.handle_chunk_sent(now, id, seq);
+                            self.swarm.handle_chunk_sent(now, id, seq, delivered);
                         }
                         ConnEvent::Down { id, why } => {
                             if conns.remove(&id).is_some() {
@@ -539,7 +540,7 @@ impl Node {
                 Output::SendChunk { conn, chunk, priority } => {
                     let seq = chunk.seq();
                     let Some((_, connection)) = conns.get(&conn) else {
-                        self.swarm.handle_chunk_sent(self.clock.now_us(), conn, seq);
+                        self.swarm.handle_chunk_sent(self.clock.now_us(), conn, seq, false);
                         continue;
                     };
                     let in_flight = sends.keys().filter(|(c, _)| *c == conn).count();
@@ -548,7 +549,7 @@ impl Node {
                             conn = conn.0,
                             seq, in_flight, "neighbour is not draining its chunk streams; not queueing more"
                         );
-                        self.swarm.handle_chunk_sent(self.clock.now_us(), conn, seq);
+                        self.swarm.handle_chunk_sent(self.clock.now_us(), conn, seq, false);
                         continue;
                     }
                     let connection = connection.clone();
@@ -558,12 +559,22 @@ impl Node {
                         async move {
                             // Past the timeout the chunk is useless to the receiver: dropping the send
                             // resets the stream.
-                            match tokio::time::timeout(timeout, connection.send_chunk(&chunk, priority)).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(e)) => trace!(seq, error = %e, "chunk send ended early"),
-                                Err(_) => debug!(seq, "chunk send timed out; abandoned"),
-                            }
-                            let _ = tx.send(ConnEvent::Sent { id: conn, seq });
+                            let delivered =
+                                match tokio::time::timeout(timeout, connection.send_chunk(&chunk, priority)).await {
+                                    Ok(Ok(())) => true,
+                                    // It stopped the stream: it has the chunk already (or it is
+                                    // misbehaving, which is handled elsewhere); either way it is there.
+                                    Ok(Err(NetError::StreamStopped { .. })) => true,
+                                    Ok(Err(e)) => {
+                                        trace!(seq, error = %e, "chunk send ended early");
+                                        false
+                                    }
+                                    Err(_) => {
+                                        debug!(seq, "chunk send timed out; abandoned");
+                                        false
+                                    }
+                                };
+                            let _ = tx.send(ConnEvent::Sent { id: conn, seq, delivered });
                         }
                         .in_current_span(),
                     );
@@ -575,7 +586,7 @@ impl Node {
                     if let Some(handle) = sends.remove(&(conn, seq)) {
                         // Aborting drops the send future, which resets the stream.
                         handle.abort();
-                        self.swarm.handle_chunk_sent(self.clock.now_us(), conn, seq);
+                        self.swarm.handle_chunk_sent(self.clock.now_us(), conn, seq, false);
                     }
                 }
                 Output::Connect(addr) => {

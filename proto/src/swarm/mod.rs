@@ -71,7 +71,13 @@
 //!   beyond its repair budget (`origin_free_repairs`), and declines the rest with `Cancel` so the
 //!   requester asks elsewhere at once. The same holds at once, without the 400 ms, for a chunk pushed
 //!   to a first-tier child whose connection went within the second after: the chunk may have died
-//!   with it, and then the origin is the only node that has it. When, within 2 s,
+//!   with it, and then the origin is the only node that has it; and for a chunk whose whole first
+//!   tier has stopped taking what the origin sends (a push in flight, and neither a delivery nor a
+//!   message back for 500 ms: cut off, while the connections still look open). A request for a
+//!   young chunk that the origin declines waits, unanswered, rather than being refused: if the
+//!   chunk turns out orphaned in either way while the requester still waits, it is answered then
+//!   (without that, the requester would time out and not ask the origin for it again, and nobody
+//!   else might have it). When, within 2 s,
 //!   `origin_rotate_demand` distinct nodes asked for late chunks of one substream (a vanished
 //!   child's chunks do not count: its slot is simply refilled), the substream is *opened* (one node
 //!   asking for two late chunks used to be enough; in a swarm of slow uplinks that rotated a working
@@ -217,6 +223,17 @@ impl Default for Config {
             origin_max_upload: 2.0,
         }
     }
+}
+
+/// On the origin: what to do with one requested chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OriginAnswer {
+    /// Send it; `rescue` when it is the rescue copy of a chunk that may have reached nobody else.
+    Serve { rescue: bool },
+    /// Say no (`Cancel`), so the requester asks elsewhere at once.
+    Decline,
+    /// Say nothing yet: it is probably on its way by push.
+    Wait,
 }
 
 /// How a chunk reached this node.
@@ -455,6 +472,8 @@ pub struct Swarm {
     /// On the origin, per substream: when a first-tier child last vanished (its connection closed
     /// or was dropped). Chunks of the substream published before then may have died with it.
     tier_lost_at: Vec<Option<Time>>,
+    /// On the origin: requests for young chunks let wait, (when, requester, seq), oldest first.
+    parked: VecDeque<(Time, ConnId, u64)>,
     /// Our place in each substream's tree as last told to the neighbours, and when.
     tree_sent: Vec<TreePlace>,
     tree_sent_at: Time,
@@ -516,6 +535,7 @@ impl Swarm {
             tier_open: vec![false; k],
             tier_empty_since: vec![None; k],
             tier_lost_at: vec![None; k],
+            parked: VecDeque::new(),
             tree_sent: Vec::new(),
             tree_sent_at: 0,
             feasible: vec![NO_DEPTH; k],
@@ -815,12 +835,17 @@ impl Swarm {
         self.store(now, chunk, path, Some(conn));
     }
 
-    /// A chunk stream asked for with [`Output::SendChunk`] has finished (sent, cancelled or failed).
-    /// Keeps the upload queue estimate that decides whether to take on repair requests.
-    pub fn handle_chunk_sent(&mut self, _now: Time, conn: ConnId, _seq: u64) {
+    /// A chunk stream asked for with [`Output::SendChunk`] has finished: `delivered` when the
+    /// receiver took all of it (or stopped it, having the chunk already), not when it was cancelled
+    /// or failed. Keeps the upload queue estimate that decides whether to take on repair requests,
+    /// and tells a receiver that is taking what we send from one that has gone quiet.
+    pub fn handle_chunk_sent(&mut self, now: Time, conn: ConnId, _seq: u64, delivered: bool) {
         self.uploads_in_flight = self.uploads_in_flight.saturating_sub(1);
         if let Some(n) = self.neighbours.get_mut(&conn) {
             n.uploads = n.uploads.saturating_sub(1);
+            if delivered {
+                n.last_delivered = now;
+            }
         }
     }
 
@@ -844,6 +869,7 @@ impl Swarm {
         if self.config.role != Role::Origin {
             self.choose_parents(now);
         } else {
+            self.revisit_parked(now);
             self.rotate_tier(now);
         }
         self.maintain_membership(now);
@@ -1056,11 +1082,6 @@ impl Swarm {
     }
 
     fn on_request(&mut self, now: Time, conn: ConnId, seqs: Vec<u64>) {
-        let origin = self.config.role == Role::Origin;
-        // An origin with first-tier slots to spare has upload to spare: its budget is the slots,
-        // whoever they serve (a small swarm, or one re-forming after a restart).
-        let spare = origin && self.children() < self.config.origin_fanout * usize::from(self.config.substreams);
-        let newest = self.chunks.end();
         let mut served = Vec::new();
         // Bytes of `served`, so the origin's budget counts this request's earlier answers.
         let mut served_bytes = 0;
@@ -1078,55 +1099,133 @@ impl Swarm {
                 self.send(conn, Message::Cancel { seq });
                 continue;
             };
-            if origin {
-                // Demand for a chunk that has been out for a while means its substream's first
-                // tier is not spreading it: serve a copy anyway, and note who asked (that is what
-                // rotates the tier).
-                let s = (seq % u64::from(self.config.substreams)) as usize;
-                let published = self.first_news.get(seq).copied();
-                let late = published.is_some_and(|t| now >= t + OLD_AT_ORIGIN_US);
-                if late {
-                    self.tier_demand[s].push_back((now, conn, seq));
-                }
-                // So is a chunk pushed to a first-tier child that vanished within the second after:
-                // it may have died with that child, and then nobody else has it. Its slot is simply
-                // refilled; that is no reason to rotate the tier.
-                let orphaned = published
-                    .is_some_and(|p| self.tier_lost_at[s].is_some_and(|lost| lost >= p && lost < p + ORPHAN_US));
-                let unspread = late || orphaned;
-                // (Counting what this request has been served so far: one batch cannot overrun it.)
-                let over_budget = self.origin_over_budget(served_bytes + chunk.payload().len());
-                let copies = self.origin_repaired.entry(seq).or_insert(0);
-                // A rescue copy of an unspread chunk is served even beyond the budget: without it a
-                // first tier of free riders (or one that just left) would starve the swarm.
-                let rescue = unspread && *copies < self.config.origin_free_repairs;
-                let free = spare || rescue;
-                if over_budget && !rescue || !free && !self.origin_repair.take(now, 1.0) {
-                    // Declined. For an unspread chunk, say so, so the requester asks elsewhere at
-                    // once; a young one is likely on its way by push (an early answer would only
-                    // make it pull a duplicate elsewhere).
-                    if unspread {
-                        self.send(conn, Message::Cancel { seq });
+            let chunk = chunk.clone();
+            if self.config.role == Role::Origin {
+                match self.origin_answer(now, conn, seq, served_bytes + chunk.payload().len()) {
+                    OriginAnswer::Serve { rescue } => {
+                        served_bytes += chunk.payload().len();
+                        served.push((chunk, rescue));
+                        continue;
                     }
-                    continue;
+                    OriginAnswer::Decline => {
+                        self.send(conn, Message::Cancel { seq });
+                        continue;
+                    }
+                    OriginAnswer::Wait => {
+                        if self.parked.len() >= MAX_PARKED {
+                            self.parked.pop_front();
+                        }
+                        self.parked.push_back((now, conn, seq));
+                        continue;
+                    }
                 }
-                *copies = copies.saturating_add(1);
             }
             served_bytes += chunk.payload().len();
-            served.push(chunk.clone());
+            served.push((chunk, false));
         }
-        for chunk in served {
+        self.serve(now, conn, served);
+    }
+
+    /// Queues repair answers to `conn`, declining those the upload queue has no room for. A rescue
+    /// (the origin's copy of a chunk nobody else may have, see [`Self::origin_answer`]) always goes:
+    /// there is at most one per chunk, and the queue may be full of pushes to a first tier that
+    /// is cut off.
+    fn serve(&mut self, now: Time, conn: ConnId, chunks: Vec<(Verified, bool)>) {
+        let newest = self.chunks.end();
+        for (chunk, rescue) in chunks {
             // Fairness: one neighbour may hold at most half the repair queue, so a greedy one (even
             // within its request budget) cannot keep everyone else's repairs waiting.
             let share = (self.config.max_upload_queue / 2).max(1);
             let mine = self.neighbours.get(&conn).map_or(0, |n| n.uploads);
-            if self.upload_queue() >= self.config.max_upload_queue || mine >= share {
+            if !rescue && (self.upload_queue(now) >= self.config.max_upload_queue || mine >= share) {
                 self.counters.requests_declined += 1;
+                if let Some(copies) = self.origin_repaired.get_mut(&chunk.seq()) {
+                    // (Not sent after all: it is no copy of the origin's.)
+                    *copies = copies.saturating_sub(1);
+                }
                 self.send(conn, Message::Cancel { seq: chunk.seq() });
                 continue;
             }
             let priority = urgency(newest, chunk.seq()) + 1;
-            self.send_chunk(conn, chunk, priority);
+            self.send_chunk(now, conn, chunk, priority);
+        }
+    }
+
+    /// On the origin: whether to answer `conn`'s request for `seq` (of `bytes`, with what this request
+    /// has been served so far) now, decline it, or let it wait.
+    fn origin_answer(&mut self, now: Time, conn: ConnId, seq: u64, bytes: usize) -> OriginAnswer {
+        // An origin with first-tier slots to spare has upload to spare: its budget is the slots,
+        // whoever they serve (a small swarm, or one re-forming after a restart).
+        let spare = self.children() < self.config.origin_fanout * usize::from(self.config.substreams);
+        // Demand for a chunk that has been out for a while means its substream's first tier is not
+        // spreading it: serve a copy anyway, and note who asked (that is what rotates the tier).
+        let s = (seq % u64::from(self.config.substreams)) as usize;
+        let late = self.first_news.get(seq).is_some_and(|&t| now >= t + OLD_AT_ORIGIN_US);
+        if late {
+            self.tier_demand[s].push_back((now, conn, seq));
+        }
+        let unspread = late || self.orphaned(now, seq);
+        let over_budget = self.origin_over_budget(bytes);
+        let copies = self.origin_repaired.entry(seq).or_insert(0);
+        // A rescue copy of an unspread chunk is served even beyond the budget: without it a first
+        // tier of free riders (or one that just left) would starve the swarm.
+        let rescue = unspread && *copies < self.config.origin_free_repairs;
+        let free = spare || rescue;
+        if over_budget && !rescue || !free && !self.origin_repair.take(now, 1.0) {
+            // Declined. For an unspread chunk, say so, so the requester asks elsewhere at once. A
+            // young one is likely on its way by push (an early answer would only make the requester
+            // pull a duplicate elsewhere): that request waits, and is answered if the chunk turns
+            // out not to be spreading (see `revisit_parked`).
+            return if unspread { OriginAnswer::Decline } else { OriginAnswer::Wait };
+        }
+        *copies = copies.saturating_add(1);
+        OriginAnswer::Serve { rescue }
+    }
+
+    /// On the origin: whether `seq` may have reached nobody but us. So it may when it was pushed to a
+    /// first-tier child that vanished within the second after (it may have died with that child; its
+    /// slot is simply refilled, which is no reason to rotate the tier), and when every first-tier
+    /// child of its substream has stopped taking what we send (cut off, while the connections still
+    /// look open).
+    fn orphaned(&self, now: Time, seq: u64) -> bool {
+        let s = (seq % u64::from(self.config.substreams)) as usize;
+        let Some(&published) = self.first_news.get(seq) else { return false };
+        if self.tier_lost_at[s].is_some_and(|lost| lost >= published && lost < published + ORPHAN_US) {
+            return true;
+        }
+        let s16 = s as u16;
+        let mut tier = self.neighbours.values().filter(|n| n.child_of.contains(s16)).peekable();
+        tier.peek().is_some() && tier.all(|n| n.stalled(now, SILENT_US))
+    }
+
+    /// On the origin: requests for young chunks that were let wait. Once the chunk turns out to be
+    /// orphaned (see [`Self::orphaned`]), such a request is answered like any request for an
+    /// unspread chunk, rather than left to time out: a requester whose request timed out does not
+    /// ask the origin for that chunk again, and with the whole first tier cut off nobody else has it.
+    fn revisit_parked(&mut self, now: Time) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let timeout = self.config.request_timeout_us;
+        let mut keep = VecDeque::with_capacity(self.parked.len());
+        let mut due = Vec::new();
+        for (asked, conn, seq) in std::mem::take(&mut self.parked) {
+            // Gone, given up (timed out), or it has the chunk now (it cancels a request that a
+            // push overtook, which marks the chunk as one it has).
+            let wanted = self.neighbours.get(&conn).is_some_and(|n| !n.have.contains(seq));
+            if !wanted || now >= asked + timeout || !self.chunks.contains(seq) {
+                continue;
+            }
+            if self.orphaned(now, seq) { due.push((conn, seq)) } else { keep.push_back((asked, conn, seq)) }
+        }
+        self.parked = keep;
+        for (conn, seq) in due {
+            let Some(chunk) = self.chunks.get(seq).cloned() else { continue };
+            match self.origin_answer(now, conn, seq, chunk.payload().len()) {
+                OriginAnswer::Serve { rescue } => self.serve(now, conn, vec![(chunk, rescue)]),
+                // (An orphaned chunk is never let wait.)
+                OriginAnswer::Decline | OriginAnswer::Wait => self.send(conn, Message::Cancel { seq }),
+            }
         }
     }
 
@@ -1142,26 +1241,43 @@ impl Swarm {
     }
 
     /// Stops pushing anything to `conn`, telling it so.
-    fn drop_child(&mut self, conn: ConnId) {
+    fn drop_child(&mut self, now: Time, conn: ConnId) {
         let substreams: Vec<u16> = self
             .neighbours
             .get_mut(&conn)
             .map(|n| std::mem::take(&mut n.child_of).iter().collect())
             .unwrap_or_default();
         for substream in substreams {
+            if self.config.role == Role::Origin
+                && let Some(t) = self.tier_lost_at.get_mut(usize::from(substream))
+            {
+                // What we pushed it lately may have gone nowhere.
+                *t = Some(now);
+            }
             self.send(conn, Message::Unsubscribe { substream });
         }
     }
 
-    /// Chunk streams in flight to neighbours that are taking them (a stuck neighbour's do not count:
-    /// they wait on its flow control, not on our uplink).
-    fn upload_queue(&self) -> usize {
-        self.neighbours.values().map(|n| n.uploads).filter(|&u| u < STUCK_UPLOADS).sum()
+    /// Chunk streams in flight to neighbours that are taking them. A stuck neighbour's do not count
+    /// (they wait on its flow control, not on our uplink), nor do those of a child that has stalled
+    /// (cut off: our pushes to it wait for acknowledgements that do not come, not for our uplink;
+    /// counted, they would have us decline every request while the network to our children is
+    /// down). A neighbour that is only waiting for repair answers is not judged so: its answers may
+    /// really be queued behind others on a slow uplink.
+    fn upload_queue(&self, now: Time) -> usize {
+        self.neighbours
+            .values()
+            .filter(|n| n.uploads < STUCK_UPLOADS && !(n.child_of.len() > 0 && n.stalled(now, SILENT_US)))
+            .map(|n| n.uploads)
+            .sum()
     }
 
-    fn send_chunk(&mut self, conn: ConnId, chunk: Verified, priority: i32) {
+    fn send_chunk(&mut self, now: Time, conn: ConnId, chunk: Verified, priority: i32) {
         let bytes = chunk.payload().len() as u64;
         if let Some(n) = self.neighbours.get_mut(&conn) {
+            if n.uploads == 0 {
+                n.uploads_since = now;
+            }
             n.uploads += 1;
             n.have.insert(chunk.seq(), ());
             n.stats.chunks_sent += 1;
@@ -1220,7 +1336,7 @@ impl Swarm {
                 break;
             }
             let p = urgency(newest, chunk.seq());
-            self.send_chunk(conn, chunk, p);
+            self.send_chunk(now, conn, chunk, p);
         }
     }
 
@@ -1387,10 +1503,10 @@ impl Swarm {
             if self.neighbours.get(&conn).is_some_and(|n| n.uploads >= STUCK_UPLOADS) {
                 // A child that does not take what we send (a slow or hostile reader) would tie up our
                 // uplink and queue chunks without end: stop pushing to it; it can subscribe elsewhere.
-                self.drop_child(conn);
+                self.drop_child(now, conn);
                 continue;
             }
-            self.send_chunk(conn, chunk.clone(), push_priority(newest, seq, place));
+            self.send_chunk(now, conn, chunk.clone(), push_priority(newest, seq, place));
         }
         self.advance_playback(now);
     }
@@ -2098,6 +2214,9 @@ const OLD_AT_ORIGIN_US: u64 = 400_000;
 /// died with it (it had not yet been relayed), µs.
 const ORPHAN_US: u64 = 1_000_000;
 
+/// On the origin: most requests let wait at once (a few per neighbour and chunk in flight).
+const MAX_PARKED: usize = 1024;
+
 /// A neighbour with this many chunk streams still in flight is not taking them (flow control): it gets
 /// no more pushes and its streams no longer count as load on our uplink.
 const STUCK_UPLOADS: usize = 8;
@@ -2308,7 +2427,7 @@ mod one_node {
             let out = drain(swarm);
             for o in &out {
                 if let Output::SendChunk { conn, chunk, .. } = o {
-                    swarm.handle_chunk_sent(now, *conn, chunk.seq());
+                    swarm.handle_chunk_sent(now, *conn, chunk.seq(), true);
                 }
             }
             out
@@ -2327,6 +2446,72 @@ mod one_node {
         swarm.handle_disconnected(now + 30_000, first);
         swarm.handle_message(now + 40_000, asker, Message::Request { seqs: vec![1008] });
         assert_eq!(pushed_to(&sent(&mut swarm, now + 40_000)), vec![asker], "the orphaned chunk was not served");
+    }
+
+    /// A request for a young chunk that the origin lets wait is answered once the chunk's whole first
+    /// tier stops taking what the origin sends (cut off, with the connections still open): then
+    /// nobody else may have the chunk, and the requester would not ask the origin again after its
+    /// request timed out. While the tier takes its pushes, the request just waits.
+    #[test]
+    fn the_origin_answers_a_waiting_request_once_its_first_tier_goes_quiet() {
+        let answers_to_waiting_request = |tier_takes_pushes: bool| {
+            let config = Config { role: Role::Origin, origin_fanout: 1, origin_max_upload: 1.0, ..Config::default() };
+            let (mut swarm, key) = swarm_with(config, &[RELAY; 2]);
+            let (first, asker) = (ConnId(1), ConnId(2));
+            let now = 1_000_000;
+            subscribe(&mut swarm, now, first);
+            let chunk =
+                |seq: u64| Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            for seq in [1000, 1004, 1008] {
+                swarm.publish(now, chunk(seq));
+                assert_eq!(pushed_to(&drain(&mut swarm)), vec![first]);
+                swarm.handle_chunk_sent(now, first, seq, true);
+            }
+            // The next push is the one the tier may not take.
+            swarm.publish(now + 100_000, chunk(1012));
+            assert_eq!(pushed_to(&drain(&mut swarm)), vec![first]);
+            if tier_takes_pushes {
+                swarm.handle_chunk_sent(now + 150_000, first, 1012, true);
+            }
+            // Two answers use up the burst allowance; the request for 1008 waits, silently.
+            swarm.handle_message(now + 200_000, asker, Message::Request { seqs: vec![1000, 1004, 1008] });
+            let out = drain(&mut swarm);
+            assert_eq!(pushed_to(&out), vec![asker, asker]);
+            assert!(!out.iter().any(|o| matches!(o, Output::Send { message: Message::Cancel { .. }, .. })));
+            // Not quiet for long enough yet.
+            swarm.handle_timeout(now + 500_000);
+            assert!(pushed_to(&drain(&mut swarm)).is_empty());
+            // Half a second since the push went out with nothing back.
+            swarm.handle_timeout(now + 650_000);
+            pushed_to(&drain(&mut swarm))
+        };
+        assert_eq!(answers_to_waiting_request(false), vec![ConnId(2)], "the waiting request was not answered");
+        assert!(answers_to_waiting_request(true).is_empty(), "answered although the tier takes its pushes");
+    }
+
+    /// The origin's rescue copy of a chunk that has not spread goes out even when its upload queue
+    /// is full, as it is of pushes to a first tier that has been cut off (they are never
+    /// acknowledged): declining it would leave the chunk with nobody but the origin.
+    #[test]
+    fn the_origin_sends_a_rescue_copy_past_a_full_upload_queue() {
+        let config = Config { role: Role::Origin, origin_fanout: 1, ..Config::default() };
+        let queue = config.max_upload_queue;
+        let (mut swarm, key) = swarm_with(config, &[RELAY; 2]);
+        let (first, asker) = (ConnId(1), ConnId(2));
+        let now = 1_000_000;
+        subscribe(&mut swarm, now, first);
+        // Pushes that never complete fill the queue.
+        let seqs: Vec<u64> = (0..queue as u64).map(|i| 1000 + 4 * i).collect();
+        for &seq in &seqs {
+            let chunk = Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            swarm.publish(now, chunk);
+            assert_eq!(pushed_to(&drain(&mut swarm)), vec![first]);
+        }
+        assert_eq!(swarm.upload_queue(now), queue);
+        // Long after publishing, a chunk is asked for: its first tier did not spread it.
+        let last = *seqs.last().unwrap_or_else(|| unreachable!());
+        swarm.handle_message(now + 700_000, asker, Message::Request { seqs: vec![last] });
+        assert_eq!(pushed_to(&drain(&mut swarm)), vec![asker], "the rescue copy was declined");
     }
 
     /// A neighbour that asks for a whole window at once fills at most half our repair queue; another

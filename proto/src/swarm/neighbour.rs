@@ -140,6 +140,10 @@ pub(crate) struct Neighbour {
     pub(crate) requests_out: usize,
     /// Chunk streams we asked the driver to send it and that are not reported done yet.
     pub(crate) uploads: usize,
+    /// When `uploads` last went from none to some.
+    pub(crate) uploads_since: Time,
+    /// When it last took delivery of a whole chunk stream of ours.
+    pub(crate) last_delivered: Time,
     /// It declined a request, or keeps failing them: do not ask it again before this.
     pub(crate) busy_until: Time,
     /// Our requests to it that timed out since it last delivered a chunk.
@@ -177,6 +181,8 @@ impl Neighbour {
             push_lag: Vec::new(),
             requests_out: 0,
             uploads: 0,
+            uploads_since: now,
+            last_delivered: now,
             busy_until: 0,
             timeouts_in_a_row: 0,
             credit: 0,
@@ -190,6 +196,15 @@ impl Neighbour {
 
     pub(crate) fn hello_done(&self) -> bool {
         self.node.is_some()
+    }
+
+    /// Whether what we send it has stopped getting through: a chunk stream of ours has been in
+    /// flight for `patience` with nothing from it meanwhile, neither a message nor a delivery. A
+    /// node cut off (cable pulled, router rebooting) looks like this long before its connection
+    /// times out.
+    pub(crate) fn stalled(&self, now: Time, patience: Time) -> bool {
+        let progress = self.last_heard.max(self.last_delivered).max(self.uploads_since);
+        self.uploads > 0 && now >= progress + patience
     }
 
     /// It delivered a chunk.

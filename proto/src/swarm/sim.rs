@@ -210,7 +210,7 @@ enum Event {
     ConnectFailed { node: usize, peer: NodeId },
     Arrive { to: usize, conn: ConnId, payload: Payload },
     Closed { node: usize, conn: ConnId },
-    Sent { node: usize, conn: ConnId, seq: u64 },
+    Sent { node: usize, conn: ConnId, seq: u64, delivered: bool },
     UplinkFree(usize),
 }
 
@@ -575,9 +575,9 @@ impl Sim {
                 }
                 self.pump(to);
             }
-            Event::Sent { node, conn, seq } => {
+            Event::Sent { node, conn, seq, delivered } => {
                 if let Some(s) = self.nodes[node].swarm.as_mut() {
-                    s.handle_chunk_sent(now, conn, seq);
+                    s.handle_chunk_sent(now, conn, seq, delivered);
                 }
                 self.pump(node);
             }
@@ -609,13 +609,13 @@ impl Sim {
                 Output::SendChunk { conn, chunk, priority } => {
                     let seq = chunk.seq();
                     if !self.is_open(conn) {
-                        self.schedule(now, Event::Sent { node: i, conn, seq });
+                        self.schedule(now, Event::Sent { node: i, conn, seq, delivered: false });
                         continue;
                     };
                     let payload = match self.nodes[i].adversary {
                         None => Payload::Chunk(chunk),
                         Some(Adversary::Silent) => {
-                            self.schedule(now, Event::Sent { node: i, conn, seq });
+                            self.schedule(now, Event::Sent { node: i, conn, seq, delivered: true });
                             continue;
                         }
                         Some(Adversary::ForgePayload) => {
@@ -651,7 +651,7 @@ impl Sim {
                         self.nodes[i].uplink.iter().find(|(_, (c, s, _))| *c == conn && *s == seq).map(|(k, _)| *k);
                     if let Some(k) = queued {
                         self.nodes[i].uplink.remove(&k);
-                        self.schedule(now, Event::Sent { node: i, conn, seq });
+                        self.schedule(now, Event::Sent { node: i, conn, seq, delivered: false });
                     }
                 }
                 Output::Connect(addr) => {
@@ -742,7 +742,8 @@ impl Sim {
         let finish = now + bits * 1_000_000 / self.nodes[i].upload_bps.max(1);
         self.nodes[i].uplink_busy = true;
         self.schedule(finish, Event::UplinkFree(i));
-        self.schedule(finish, Event::Sent { node: i, conn, seq });
+        // (Once on the wire it is as good as delivered: links here do not lose what they carry.)
+        self.schedule(finish, Event::Sent { node: i, conn, seq, delivered: true });
         self.out.chunk_bytes += self.chunk_bytes;
         if i == 0 {
             self.out.origin_bytes_up += self.chunk_bytes;
