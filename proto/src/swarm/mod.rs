@@ -2514,6 +2514,28 @@ mod one_node {
         assert_eq!(pushed_to(&drain(&mut swarm)), vec![asker], "the rescue copy was declined");
     }
 
+    /// A relay whose child has stopped acknowledging its pushes (cut off, the connection still open)
+    /// does not count those pushes as load on its uplink: it still answers other neighbours'
+    /// requests. It used to decline them all while the network to its child was down.
+    #[test]
+    fn pushes_to_a_stalled_child_do_not_fill_the_upload_queue() {
+        let config = Config::default();
+        let queue = config.max_upload_queue as u64;
+        let (mut swarm, key) = swarm_with(config, &[RELAY; 3]);
+        let (child, source, asker) = (ConnId(1), ConnId(2), ConnId(3));
+        let now = 1_000_000;
+        assert!(unsubscribed(&subscribe(&mut swarm, now, child)).is_empty(), "a free slot was refused");
+        for i in 0..queue {
+            let seq = 1000 + 4 * i;
+            let chunk = Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            swarm.handle_chunk(now, source, chunk);
+            assert_eq!(pushed_to(&drain(&mut swarm)), vec![child]);
+        }
+        // Nothing back from the child for well over half a second.
+        swarm.handle_message(now + 700_000, asker, Message::Request { seqs: vec![1000] });
+        assert_eq!(pushed_to(&drain(&mut swarm)), vec![asker], "declined behind pushes going nowhere");
+    }
+
     /// A neighbour that asks for a whole window at once fills at most half our repair queue; another
     /// neighbour's request that arrives right after is still answered.
     #[test]
