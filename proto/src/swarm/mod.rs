@@ -1140,7 +1140,7 @@ impl Swarm {
             if !rescue && (self.upload_queue(now) >= self.config.max_upload_queue || mine >= share) {
                 self.counters.requests_declined += 1;
                 if let Some(copies) = self.origin_repaired.get_mut(&chunk.seq()) {
-                    // (Not sent after all: it is no copy of the origin's.)
+                    // (Not sent after all, so it does not use up a rescue.)
                     *copies = copies.saturating_sub(1);
                 }
                 self.send(conn, Message::Cancel { seq: chunk.seq() });
@@ -1166,6 +1166,7 @@ impl Swarm {
         }
         let unspread = late || self.orphaned(now, seq);
         let over_budget = self.origin_over_budget(bytes);
+        // (Counted when answered, not when sent: one request may name a chunk twice.)
         let copies = self.origin_repaired.entry(seq).or_insert(0);
         // A rescue copy of an unspread chunk is served even beyond the budget: without it a first
         // tier of free riders (or one that just left) would starve the swarm.
@@ -1207,18 +1208,22 @@ impl Swarm {
             return;
         }
         let timeout = self.config.request_timeout_us;
-        let mut keep = VecDeque::with_capacity(self.parked.len());
+        let mut parked = std::mem::take(&mut self.parked);
         let mut due = Vec::new();
-        for (asked, conn, seq) in std::mem::take(&mut self.parked) {
+        parked.retain(|&(asked, conn, seq)| {
             // Gone, given up (timed out), or it has the chunk now (it cancels a request that a
             // push overtook, which marks the chunk as one it has).
             let wanted = self.neighbours.get(&conn).is_some_and(|n| !n.have.contains(seq));
             if !wanted || now >= asked + timeout || !self.chunks.contains(seq) {
-                continue;
+                return false;
             }
-            if self.orphaned(now, seq) { due.push((conn, seq)) } else { keep.push_back((asked, conn, seq)) }
-        }
-        self.parked = keep;
+            let orphaned = self.orphaned(now, seq);
+            if orphaned {
+                due.push((conn, seq));
+            }
+            !orphaned
+        });
+        self.parked = parked;
         for (conn, seq) in due {
             let Some(chunk) = self.chunks.get(seq).cloned() else { continue };
             match self.origin_answer(now, conn, seq, chunk.payload().len()) {
@@ -1478,23 +1483,23 @@ impl Swarm {
             if Some(conn) == from || n.have.contains(seq) {
                 continue;
             }
-            if n.child_of.contains(substream) || n.released.get(&substream).is_some_and(|&until| now < until) {
-                children.push(conn);
+            if n.child_of.contains(substream) {
+                children.push((conn, false));
+            } else if n.released.get(&substream).is_some_and(|&until| now < until) {
+                children.push((conn, true));
             }
             self.send(conn, Message::Have { seq });
         }
         // Children that relay go first: the chunk reaches their subtrees a whole transmission
         // earlier, and leaves lose only that one transmission (as in a binomial broadcast tree).
         // A leaf let go for a relay (still pushed to while it moves) comes after the real children.
-        children.sort_by_key(|c| {
-            let n = self.neighbours.get(c);
-            let released = n.is_none_or(|n| !n.child_of.contains(substream));
-            let grandchildren = n.and_then(|n| n.tree_place(usize::from(substream))).map_or(0, |p| p.children);
+        children.sort_by_key(|&(c, released)| {
+            let grandchildren =
+                self.neighbours.get(&c).and_then(|n| n.tree_place(usize::from(substream))).map_or(0, |p| p.children);
             (released, std::cmp::Reverse(grandchildren))
         });
         let origin = self.config.role == Role::Origin;
-        for (place, conn) in children.into_iter().enumerate() {
-            let released = self.neighbours.get(&conn).is_none_or(|n| !n.child_of.contains(substream));
+        for (place, (conn, released)) in children.into_iter().enumerate() {
             if origin && released && self.origin_over_budget(chunk.payload().len()) {
                 // The origin's first tier is its budget: a leaf it let go is pushed to only from
                 // what the tier leaves unused, and pulls what it misses while it moves.
