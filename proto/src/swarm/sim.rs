@@ -455,7 +455,8 @@ impl Sim {
         let drain = 1_500_000;
         let end = begin + self.cfg.duration_us + drain;
         self.progress.total_us = end - begin;
-        let mut next_report = begin.saturating_add(every_us.max(1));
+        let every_us = every_us.max(1);
+        let mut next_report = begin.saturating_add(every_us);
         while let Some((at, _, event)) = self.queue.pop() {
             if at > end {
                 break;
@@ -466,7 +467,7 @@ impl Sim {
                 self.progress.published = self.out.published;
                 self.progress.origin_bytes_up = self.out.origin_bytes_up;
                 on_progress(&self.progress);
-                next_report = next_report.saturating_add(every_us.max(1));
+                next_report = next_report.saturating_add(every_us);
             }
             self.now = at;
             self.out.events += 1;
