@@ -51,6 +51,9 @@ pub struct SimScenario {
     pub flash_over: Duration,
     /// How long peers take to join at the start (they arrive spread over this).
     pub ramp: Duration,
+    /// Most peers each node remembers ([`crowdsurf_proto::swarm::Config::max_known`]): the largest
+    /// share of a simulated node's memory.
+    pub known_peers: usize,
     /// Seed.
     pub seed: u64,
 }
@@ -75,6 +78,7 @@ impl Default for SimScenario {
             flash_at: Duration::from_secs(10),
             flash_over: Duration::from_secs(2),
             ramp: Duration::from_secs(2),
+            known_peers: crowdsurf_proto::swarm::Config::default().max_known,
             seed: 1,
         }
     }
@@ -156,6 +160,7 @@ pub fn run_with_progress(sc: &SimScenario, mut on_progress: impl FnMut(&Progress
     let mut swarm =
         crowdsurf_proto::swarm::Config { target_latency_us: sc.latency.as_micros() as u64, ..Default::default() };
     swarm.window = (10_000 / sc.chunk_ms.max(1)).max(8) as usize;
+    swarm.max_known = sc.known_peers;
     let cfg = SimConfig {
         seed: sc.seed,
         duration_us: duration,

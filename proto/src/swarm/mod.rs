@@ -173,6 +173,11 @@ pub struct Config {
     /// exception is a rescue copy (`origin_free_repairs`) of a chunk its first tier failed to
     /// spread.
     pub origin_max_upload: f64,
+    /// Most nodes remembered (from tickets, peer exchange, refusals), connected or not: enough to
+    /// refill a neighbourhood of `max_neighbours` many times over, few enough that a node in a
+    /// swarm of thousands does not spend its memory and its housekeeping on a directory of the
+    /// whole swarm. A node that knows this many learns no new ones until some are forgotten.
+    pub max_known: usize,
 }
 
 impl Config {
@@ -221,6 +226,7 @@ impl Default for Config {
             origin_rotate_demand: 4,
             origin_slots_per_node: 4,
             origin_max_upload: 2.0,
+            max_known: 1024,
         }
     }
 }
@@ -901,7 +907,7 @@ impl Swarm {
         if p.id == self.me || p.addrs.is_empty() {
             return;
         }
-        if self.known.len() >= MAX_KNOWN && !self.known.contains_key(&p.id) {
+        if self.known.len() >= self.config.max_known && !self.known.contains_key(&p.id) {
             return;
         }
         let (by_node, dialing) = (&self.by_node, &self.dialing);
@@ -2229,11 +2235,6 @@ const STUCK_UPLOADS: usize = 8;
 /// Pushed chunks go ahead of repair answers on our uplink: the push tree is what keeps everyone fed.
 const PUSH_PRIORITY: i32 = 100_000;
 
-/// Peers we remember (from tickets, peer exchange, refusals): enough to refill a neighbourhood of
-/// `max_neighbours` many times over, few enough that a node in a swarm of thousands does not spend its
-/// memory and its housekeeping on a directory of the whole swarm.
-const MAX_KNOWN: usize = 1024;
-
 /// A leaf child is kept at least this long before a relay may take its place, µs.
 const LEAF_TENURE_US: Time = 2_000_000;
 
@@ -2564,5 +2565,22 @@ mod one_node {
         let share = Config::default().max_upload_queue / 2;
         assert!(sent.get(&greedy).copied().unwrap_or(0) <= share, "greedy neighbour got {sent:?}");
         assert_eq!(sent.get(&honest).copied(), Some(1), "the other neighbour was not served: {sent:?}");
+    }
+
+    /// A node remembers at most `max_known` peers however many it is told of, and keeps the ones
+    /// it learnt first (they are not pushed out by a neighbour that floods it with names).
+    #[test]
+    fn peer_exchange_fills_the_table_of_known_peers_only_up_to_its_cap() {
+        let config = Config { max_known: 10, ..Config::default() };
+        let (mut swarm, _) = swarm_with(config, &[RELAY]);
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap_or_else(|_| unreachable!());
+        let told: Vec<NodeAddr> = (0..crate::wire::MAX_PEERS as u16)
+            .map(|i| NodeAddr { id: NodeKey::from_secret_bytes([i as u8 + 100; 32]).id(), addrs: vec![addr] })
+            .collect();
+        swarm.handle_message(1_000, ConnId(1), Message::Peers(told[..30].to_vec()));
+        swarm.handle_message(2_000, ConnId(1), Message::Peers(told[30..].to_vec()));
+        assert_eq!(swarm.known.len(), 10, "known peers beyond the cap");
+        // The first ten it named, and none after.
+        assert!(told[..10].iter().all(|p| swarm.known.contains_key(&p.id)), "an early name was pushed out");
     }
 }
