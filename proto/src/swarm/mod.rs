@@ -907,7 +907,7 @@ impl Swarm {
         if p.id == self.me || p.addrs.is_empty() {
             return;
         }
-        if self.known.len() >= self.config.max_known && !self.known.contains_key(&p.id) {
+        if self.known.len() >= self.config.max_known && !self.known.contains_key(&p.id) && !self.forget_one(now) {
             return;
         }
         let (by_node, dialing) = (&self.by_node, &self.dialing);
@@ -918,6 +918,24 @@ impl Swarm {
         });
         k.addrs = p.addrs;
         k.addrs.truncate(crate::wire::MAX_ADDRS);
+    }
+
+    /// Makes room in a full table of known nodes for one just named, by forgetting one we are
+    /// neither connected to nor dialing and have not banned: of the first few such (in the
+    /// table's order, which the hasher makes random), the one that failed most often, else the
+    /// one we may dial again last (it refused us lately). Without this a node that learnt its fill
+    /// of names early (in a crowd of newcomers, from neighbours as lost as itself) could never
+    /// learn of anyone else, and stayed among them. False if every node is connected, being
+    /// dialed or banned.
+    fn forget_one(&mut self, now: Time) -> bool {
+        let victim = self
+            .known
+            .iter()
+            .filter(|(_, k)| !k.connected && !k.dialing && k.banned_until <= now)
+            .take(FORGET_CANDIDATES)
+            .max_by_key(|(_, k)| (k.failures, k.retry_at))
+            .map(|(id, _)| *id);
+        victim.is_some_and(|id| self.known.remove(&id).is_some())
     }
 
     fn ban(&mut self, now: Time, conn: ConnId) {
@@ -2199,6 +2217,9 @@ fn releasable_leaf(n: &Neighbour, s: usize, now: Time) -> bool {
     leaf && n.child_since.get(&(s as u16)).is_some_and(|since| now >= since + LEAF_TENURE_US)
 }
 
+/// How many forgettable known nodes a full table compares to choose the one it forgets.
+const FORGET_CANDIDATES: usize = 8;
+
 /// On the origin: chunks it may send beyond its upload budget in a burst.
 const ORIGIN_BURST_CHUNKS: u64 = 2;
 
@@ -2567,20 +2588,39 @@ mod one_node {
         assert_eq!(sent.get(&honest).copied(), Some(1), "the other neighbour was not served: {sent:?}");
     }
 
-    /// A node remembers at most `max_known` peers however many it is told of, and keeps the ones
-    /// it learnt first (they are not pushed out by a neighbour that floods it with names).
+    /// A node remembers at most `max_known` peers however many it is told of. Once its table is
+    /// full, a newly named node takes the place of one it is not connected to, so a node that
+    /// filled its table early still learns of the rest of the swarm; but a banned node is never
+    /// forgotten (a flood of names cannot lift a ban), nor one it is connected to.
     #[test]
-    fn peer_exchange_fills_the_table_of_known_peers_only_up_to_its_cap() {
+    fn a_full_table_of_known_peers_makes_room_but_keeps_neighbours_and_bans() {
         let config = Config { max_known: 10, ..Config::default() };
-        let (mut swarm, _) = swarm_with(config, &[RELAY]);
+        let (mut swarm, _) = swarm_with(config, &[RELAY, RELAY]);
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap_or_else(|_| unreachable!());
-        let told: Vec<NodeAddr> = (0..crate::wire::MAX_PEERS as u16)
-            .map(|i| NodeAddr { id: NodeKey::from_secret_bytes([i as u8 + 100; 32]).id(), addrs: vec![addr] })
-            .collect();
+        let named = |i: u16| NodeAddr { id: NodeKey::from_secret_bytes([i as u8 + 100; 32]).id(), addrs: vec![addr] };
+        // Neighbour 1 is known (it told us where it listens); neighbour 2 misbehaves and is banned.
+        let neighbour = NodeKey::from_secret_bytes([3; 32]).id();
+        swarm.learn(0, NodeAddr { id: neighbour, addrs: vec![addr] });
+        if let Some(k) = swarm.known.get_mut(&neighbour) {
+            k.connected = true;
+        }
+        swarm.ban(0, ConnId(2));
+        let banned = NodeKey::from_secret_bytes([4; 32]).id();
+        assert!(swarm.known.contains_key(&banned));
+        let told: Vec<NodeAddr> = (0..crate::wire::MAX_PEERS as u16).map(named).collect();
         swarm.handle_message(1_000, ConnId(1), Message::Peers(told[..30].to_vec()));
         swarm.handle_message(2_000, ConnId(1), Message::Peers(told[30..].to_vec()));
         assert_eq!(swarm.known.len(), 10, "known peers beyond the cap");
-        // The first ten it named, and none after.
-        assert!(told[..10].iter().all(|p| swarm.known.contains_key(&p.id)), "an early name was pushed out");
+        assert!(swarm.known.contains_key(&neighbour), "a neighbour was forgotten");
+        assert!(swarm.known.contains_key(&banned), "a ban was forgotten");
+        // The last name was learnt: the table did not freeze with the first ones.
+        assert!(swarm.known.contains_key(&told[told.len() - 1].id), "the table stopped learning");
+        // With nothing left to forget, nothing new is learnt.
+        for k in swarm.known.values_mut() {
+            k.connected = true;
+        }
+        swarm.handle_message(3_000, ConnId(1), Message::Peers(vec![named(150)]));
+        assert!(!swarm.known.contains_key(&named(150).id));
+        assert_eq!(swarm.known.len(), 10);
     }
 }
