@@ -105,8 +105,8 @@ struct SimArgs {
     /// Flash crowd: N peers joining within T, e.g. 1000/2s (starts 10 s in).
     #[arg(long, value_parser = parse_flash)]
     flash: Option<(usize, Duration)>,
-    /// Most peers each node remembers from peer exchange (a real node: 1024). Their table is most
-    /// of a simulated node's memory: 256 lets 100,000 peers fit in about 10 GB (see the README).
+    /// Most peers each node remembers from peer exchange (a real node: 1024). Their table is the
+    /// largest part of a simulated node's memory: 256 takes a third off it (see the README).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=65_536))]
     known_peers: u64,
     /// Seed.
