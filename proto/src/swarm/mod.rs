@@ -176,7 +176,8 @@ pub struct Config {
     /// Most nodes remembered (from tickets, peer exchange, refusals), connected or not: enough to
     /// refill a neighbourhood of `max_neighbours` many times over, few enough that a node in a
     /// swarm of thousands does not spend its memory and its housekeeping on a directory of the
-    /// whole swarm. A node that knows this many learns no new ones until some are forgotten.
+    /// whole swarm. Once full, a newly named node takes the place of one we are neither connected
+    /// to nor dialing and have not banned, so the table keeps up with the swarm.
     pub max_known: usize,
 }
 
