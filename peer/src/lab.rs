@@ -370,6 +370,15 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         loss: cfg.loss,
         churn_per_min: cfg.churn_per_min,
         flash: cfg.flash,
+        flash_at_s: cfg.flash_at.as_secs_f64(),
+        flash_over_s: cfg.flash_over.as_secs_f64(),
+        ramp_s: cfg.ramp.as_secs_f64(),
+        latency_ms: cfg.latency.as_secs_f64() * 1000.0,
+        upload_mean: cfg.upload_mean,
+        slow_share: cfg.upload_mean.map(|_| cfg.slow_share),
+        origin_upload: cfg.origin_upload,
+        known_peers: crowdsurf_proto::swarm::Config::default().max_known,
+        uniform_delay: true,
         seed: cfg.seed,
     };
     let totals = RunTotals {

@@ -328,8 +328,12 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
+    let uplinks = match a.upload_mean {
+        Some(mean) => format!("uploads mean {mean}x, {} % below 1x", a.slow_share * 100.0),
+        None => "uploads unlimited".to_owned(),
+    };
     eprintln!(
-        "lab: {} peers, {:?}, {} bit/s in {} ms chunks, links {:?} ± {:?}, loss {} %, upload mean {:?}x",
+        "lab: {} peers, {:?}, {} bit/s in {} ms chunks, links {:?} ± {:?}, loss {} %, {uplinks}",
         a.peers,
         a.duration,
         a.bitrate,
@@ -337,7 +341,6 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         a.delay,
         a.jitter,
         a.loss * 100.0,
-        a.upload_mean
     );
     let report = crowdsurf_peer::lab::run(cfg).await.context("lab failed")?;
     println!("{}", report.headline());

@@ -38,6 +38,25 @@ pub struct Scenario {
     pub churn_per_min: f64,
     /// Flash crowd size.
     pub flash: usize,
+    /// When the flash crowd starts, seconds from the start.
+    pub flash_at_s: f64,
+    /// Over how long the flash crowd joins, seconds.
+    pub flash_over_s: f64,
+    /// Over how long the peers present at the start join, seconds.
+    pub ramp_s: f64,
+    /// Every peer's playback point behind the live edge, ms.
+    pub latency_ms: f64,
+    /// Upload mix: mean peer upload as a multiple of the bitrate (None: unlimited, lab only).
+    pub upload_mean: Option<f64>,
+    /// Upload mix: share of peers uploading below the bitrate (None where uploads are unlimited).
+    pub slow_share: Option<f64>,
+    /// The origin's upload as a multiple of the bitrate (None: unlimited).
+    pub origin_upload: Option<f64>,
+    /// Most peers each node remembers (`max_known`).
+    pub known_peers: usize,
+    /// Every pair of peers exactly `link_delay_ms` apart (the lab always is; the simulator otherwise
+    /// draws delays from its geography).
+    pub uniform_delay: bool,
     /// Seed.
     pub seed: u64,
 }

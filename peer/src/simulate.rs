@@ -223,6 +223,15 @@ pub fn run_with_progress(sc: &SimScenario, mut on_progress: impl FnMut(&Progress
         loss: 0.0,
         churn_per_min: sc.churn_per_min,
         flash: sc.flash,
+        flash_at_s: sc.flash_at.as_secs_f64(),
+        flash_over_s: sc.flash_over.as_secs_f64(),
+        ramp_s: sc.ramp.as_secs_f64(),
+        latency_ms: sc.latency.as_secs_f64() * 1000.0,
+        upload_mean: Some(sc.upload_mean),
+        slow_share: Some(sc.slow_share),
+        origin_upload: Some(sc.origin_upload),
+        known_peers: sc.known_peers,
+        uniform_delay: sc.uniform_delay,
         seed: sc.seed,
     };
     let totals = RunTotals {

@@ -46,6 +46,15 @@ fn a_small_simulation_gives_a_consistent_report_and_plots() {
         assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f} is not an SVG");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+    // The scenario block holds what shaped the run, so a report can be rerun from itself.
+    let json: serde_json::Value = serde_json::to_value(&a).unwrap();
+    let scenario = &json["scenario"];
+    assert_eq!(scenario["upload_mean"], 6.0);
+    assert_eq!(scenario["slow_share"], 0.0);
+    assert_eq!(scenario["latency_ms"], 1000.0);
+    assert_eq!(scenario["known_peers"], sc.known_peers);
+    assert_eq!(scenario["ramp_s"], 2.0);
+    assert_eq!(scenario["uniform_delay"], false);
     // A run shorter than the warm-up has no steady origin figure.
     let short = run(&SimScenario { duration: Duration::from_secs(4), ..sc });
     assert_eq!(short.origin_upload_ratio_after_warm_up, None);
