@@ -1658,6 +1658,23 @@ impl Swarm {
         }
     }
 
+    /// Whether `conn` is the origin.
+    fn is_origin(&self, conn: ConnId) -> bool {
+        self.neighbours.get(&conn).is_some_and(|n| n.role == Role::Origin)
+    }
+
+    /// Whether a neighbour other than the origin could be asked for `seq` right now.
+    fn can_serve_besides_origin(&self, now: Time, seq: u64) -> bool {
+        self.neighbours.values().any(|n| {
+            n.role != Role::Origin
+                && n.hello_done()
+                && n.trusted(now)
+                && n.have.contains(seq)
+                && n.busy_until <= now
+                && n.requests_out < self.config.max_requests_per_neighbour
+        })
+    }
+
     fn expire_requests(&mut self, now: Time) {
         if self.requests.is_empty() {
             return;
@@ -1701,11 +1718,26 @@ impl Swarm {
             urgent: bool,
             slack: i128,
             holders: usize,
+            /// Taken back from the origin: ask anyone but it.
+            not_origin: bool,
         }
         let mut wants = Vec::new();
         for seq in start..=edge {
-            if self.chunks.contains(seq) || self.requests.contains_key(&seq) {
+            if self.chunks.contains(seq) {
                 continue;
+            }
+            let mut not_origin = false;
+            if let Some(&(asked, _)) = self.requests.get(&seq) {
+                // A joiner's first requests go to the origin, often its only neighbour for a moment,
+                // and the origin lets requests for young chunks wait for its push tree, which does not
+                // reach a node that has no parent yet. Once another neighbour can serve the chunk,
+                // ask it instead of waiting out the request timeout (most of a joiner's startup).
+                if !bootstrapping || !self.is_origin(asked) || !self.can_serve_besides_origin(now, seq) {
+                    continue;
+                }
+                self.requests.remove(&seq);
+                self.send(asked, Message::Cancel { seq });
+                not_origin = true;
             }
             let s = (seq % k) as usize;
             let deadline = self.deadline(seq).map_or(i128::MAX, i128::from);
@@ -1744,7 +1776,7 @@ impl Swarm {
                     continue;
                 }
             }
-            wants.push(Want { seq, urgent, slack, holders });
+            wants.push(Want { seq, urgent, slack, holders, not_origin });
         }
         // Earliest deadline first near the deadline, rarest first further out.
         wants.sort_by_key(|w| (!w.urgent, if w.urgent { w.slack } else { w.holders as i128 }, w.seq));
@@ -1754,6 +1786,7 @@ impl Swarm {
                 .neighbours
                 .iter()
                 .filter(|(_, n)| n.hello_done() && n.trusted(now) && n.have.contains(w.seq) && n.busy_until <= now)
+                .filter(|(_, n)| !(w.not_origin && n.role == Role::Origin))
                 .filter(|(c, n)| {
                     n.requests_out + batches.get(c).map_or(0, Vec::len) < self.config.max_requests_per_neighbour
                 })
@@ -2587,6 +2620,75 @@ mod one_node {
         let share = Config::default().max_upload_queue / 2;
         assert!(sent.get(&greedy).copied().unwrap_or(0) <= share, "greedy neighbour got {sent:?}");
         assert_eq!(sent.get(&honest).copied(), Some(1), "the other neighbour was not served: {sent:?}");
+    }
+
+    /// A joiner's first request goes to the origin, its only neighbour at first, which lets requests
+    /// for young chunks wait. Once a relay announces the chunk, the joiner asks the relay (and tells
+    /// the origin it need not answer) instead of waiting out the request timeout.
+    #[test]
+    fn a_joiner_takes_its_first_requests_back_from_the_origin_once_a_relay_has_the_chunk() {
+        let stream_key = StreamKey::from_secret_bytes([1; 32]);
+        let mut swarm = Swarm::new(Config::default(), stream_key.id(), NodeKey::from_secret_bytes([2; 32]).id());
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        let hello = |conn: u64, role: Role| {
+            let node = NodeKey::from_secret_bytes([conn as u8 + 3; 32]).id();
+            (
+                node,
+                Message::Hello(Box::new(Hello {
+                    version: crate::PROTOCOL_VERSION,
+                    stream: stream_key.id(),
+                    node,
+                    role,
+                    listen: Vec::new(),
+                    have: crate::window::BufferMap::empty(0),
+                })),
+            )
+        };
+        let requested_from = |out: &[Output], seq: u64| -> Vec<ConnId> {
+            out.iter()
+                .filter_map(|o| match o {
+                    Output::Send { conn, message: Message::Request { seqs } } if seqs.contains(&seq) => Some(*conn),
+                    _ => None,
+                })
+                .collect()
+        };
+        let seq = 1_000;
+        let (origin, origin_hello) = hello(1, Role::Origin);
+        swarm.handle_connected(0, ConnId(1), origin, addr, true);
+        swarm.handle_message(0, ConnId(1), origin_hello);
+        swarm.handle_message(1_000, ConnId(1), Message::Have { seq });
+        let mut now = 1_000;
+        let mut out = Vec::new();
+        while requested_from(&out, seq).is_empty() && now < 200_000 {
+            now += 5_000;
+            swarm.handle_timeout(now);
+            out = drain(&mut swarm);
+        }
+        assert_eq!(requested_from(&out, seq), vec![ConnId(1)], "the first request goes to the origin");
+        // The origin says nothing (it lets the request wait); a relay connects and has the chunk.
+        let (relay, relay_hello) = hello(2, Role::Relay);
+        swarm.handle_connected(now, ConnId(2), relay, addr, true);
+        swarm.handle_message(now, ConnId(2), relay_hello);
+        swarm.handle_message(now, ConnId(2), Message::Have { seq });
+        let asked_origin_at = now;
+        let mut out = Vec::new();
+        while requested_from(&out, seq).is_empty() && now < asked_origin_at + 1_000_000 {
+            now += 5_000;
+            swarm.handle_timeout(now);
+            out = drain(&mut swarm);
+        }
+        assert_eq!(requested_from(&out, seq), vec![ConnId(2)], "the request was not moved to the relay");
+        assert!(
+            now - asked_origin_at < Config::default().request_timeout_us / 2,
+            "moved only after {} µs, as a timed-out request would be",
+            now - asked_origin_at
+        );
+        assert!(
+            out.iter().any(
+                |o| matches!(o, Output::Send { conn: ConnId(1), message: Message::Cancel { seq: s } } if *s == seq)
+            ),
+            "the origin was not told to drop the request"
+        );
     }
 
     /// A node remembers at most `max_known` peers however many it is told of. Once its table is
