@@ -77,7 +77,10 @@
 //!   young chunk that the origin declines waits, unanswered, rather than being refused: if the
 //!   chunk turns out orphaned in either way while the requester still waits, it is answered then
 //!   (without that, the requester would time out and not ask the origin for it again, and nobody
-//!   else might have it). When, within 2 s,
+//!   else might have it). A joiner, whose first requests go to the origin because it is often
+//!   its only neighbour for a moment, is not reached by the tree that the wait is for: until it has
+//!   started playing it moves such a request to any other neighbour that has the chunk (telling
+//!   the origin with `Cancel`), instead of waiting out the request timeout. When, within 2 s,
 //!   `origin_rotate_demand` distinct nodes asked for late chunks of one substream (a vanished
 //!   child's chunks do not count: its slot is simply refilled), the substream is *opened* (one node
 //!   asking for two late chunks used to be enough; in a swarm of slow uplinks that rotated a working
