@@ -1666,18 +1666,6 @@ impl Swarm {
         self.neighbours.get(&conn).is_some_and(|n| n.role == Role::Origin)
     }
 
-    /// Whether a neighbour other than the origin could be asked for `seq` right now.
-    fn can_serve_besides_origin(&self, now: Time, seq: u64) -> bool {
-        self.neighbours.values().any(|n| {
-            n.role != Role::Origin
-                && n.hello_done()
-                && n.trusted(now)
-                && n.have.contains(seq)
-                && n.busy_until <= now
-                && n.requests_out < self.config.max_requests_per_neighbour
-        })
-    }
-
     fn expire_requests(&mut self, now: Time) {
         if self.requests.is_empty() {
             return;
@@ -1721,26 +1709,24 @@ impl Swarm {
             urgent: bool,
             slack: i128,
             holders: usize,
-            /// Taken back from the origin: ask anyone but it.
-            not_origin: bool,
+            /// Outstanding at the origin (see below): ask anyone but it, and only then take it back.
+            at_origin: Option<ConnId>,
         }
         let mut wants = Vec::new();
         for seq in start..=edge {
             if self.chunks.contains(seq) {
                 continue;
             }
-            let mut not_origin = false;
+            let mut at_origin = None;
             if let Some(&(asked, _)) = self.requests.get(&seq) {
                 // A joiner's first requests go to the origin, often its only neighbour for a moment,
                 // and the origin lets requests for young chunks wait for its push tree, which does not
                 // reach a node that has no parent yet. Once another neighbour can serve the chunk,
                 // ask it instead of waiting out the request timeout (most of a joiner's startup).
-                if !bootstrapping || !self.is_origin(asked) || !self.can_serve_besides_origin(now, seq) {
+                if !bootstrapping || !self.is_origin(asked) {
                     continue;
                 }
-                self.requests.remove(&seq);
-                self.send(asked, Message::Cancel { seq });
-                not_origin = true;
+                at_origin = Some(asked);
             }
             let s = (seq % k) as usize;
             let deadline = self.deadline(seq).map_or(i128::MAX, i128::from);
@@ -1767,8 +1753,12 @@ impl Swarm {
             if news.is_some_and(waiting) {
                 continue;
             }
-            let holders =
-                self.neighbours.values().filter(|n| n.hello_done() && n.trusted(now) && n.have.contains(seq)).count();
+            let holders = self
+                .neighbours
+                .values()
+                .filter(|n| n.hello_done() && n.trusted(now) && n.have.contains(seq))
+                .filter(|n| at_origin.is_none() || n.role != Role::Origin)
+                .count();
             if holders == 0 {
                 continue;
             }
@@ -1779,7 +1769,7 @@ impl Swarm {
                     continue;
                 }
             }
-            wants.push(Want { seq, urgent, slack, holders, not_origin });
+            wants.push(Want { seq, urgent, slack, holders, at_origin });
         }
         // Earliest deadline first near the deadline, rarest first further out.
         wants.sort_by_key(|w| (!w.urgent, if w.urgent { w.slack } else { w.holders as i128 }, w.seq));
@@ -1789,7 +1779,7 @@ impl Swarm {
                 .neighbours
                 .iter()
                 .filter(|(_, n)| n.hello_done() && n.trusted(now) && n.have.contains(w.seq) && n.busy_until <= now)
-                .filter(|(_, n)| !(w.not_origin && n.role == Role::Origin))
+                .filter(|(_, n)| !(w.at_origin.is_some() && n.role == Role::Origin))
                 .filter(|(c, n)| {
                     n.requests_out + batches.get(c).map_or(0, Vec::len) < self.config.max_requests_per_neighbour
                 })
@@ -1806,6 +1796,11 @@ impl Swarm {
                 .min()
                 .map(|(_, c)| c);
             if let Some(c) = best {
+                if let Some(origin) = w.at_origin {
+                    // Taken back only now that someone else is asked: "got it elsewhere, stop".
+                    self.requests.remove(&w.seq);
+                    self.send(origin, Message::Cancel { seq: w.seq });
+                }
                 batches.entry(c).or_default().push(w.seq);
             }
         }
@@ -2692,6 +2687,67 @@ mod one_node {
             ),
             "the origin was not told to drop the request"
         );
+    }
+
+    /// The joiner takes a request back from the origin only for a neighbour it actually asks
+    /// instead: with more chunks to move than the relay has request slots, the rest stay asked of
+    /// the origin rather than being cancelled there and left unasked.
+    #[test]
+    fn a_joiner_takes_back_from_the_origin_only_what_another_neighbour_is_asked_for() {
+        let stream_key = StreamKey::from_secret_bytes([1; 32]);
+        let config = Config { max_requests_per_neighbour: 2, ..Config::default() };
+        let mut swarm = Swarm::new(config, stream_key.id(), NodeKey::from_secret_bytes([2; 32]).id());
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        let connect = |swarm: &mut Swarm, now: Time, conn: u64, role: Role, have: &[u64]| {
+            let node = NodeKey::from_secret_bytes([conn as u8 + 3; 32]).id();
+            let hello = Hello {
+                version: crate::PROTOCOL_VERSION,
+                stream: stream_key.id(),
+                node,
+                role,
+                listen: Vec::new(),
+                have: crate::window::BufferMap::empty(0),
+            };
+            swarm.handle_connected(now, ConnId(conn), node, addr, true);
+            swarm.handle_message(now, ConnId(conn), Message::Hello(Box::new(hello)));
+            for &seq in have {
+                swarm.handle_message(now, ConnId(conn), Message::Have { seq });
+            }
+        };
+        let (origin, relay) = (ConnId(1), ConnId(2));
+        // The origin has 1000 and 1001; the joiner asks it for both (its whole allowance there).
+        connect(&mut swarm, 0, 1, Role::Origin, &[1000, 1001]);
+        let mut now = 0;
+        let mut asked_origin = Vec::new();
+        while asked_origin.len() < 2 && now < 200_000 {
+            now += 5_000;
+            swarm.handle_timeout(now);
+            for o in drain(&mut swarm) {
+                if let Output::Send { conn, message: Message::Request { seqs } } = o {
+                    assert_eq!(conn, origin);
+                    asked_origin.extend(seqs);
+                }
+            }
+        }
+        assert_eq!(asked_origin, vec![1000, 1001]);
+        // A relay with room for two requests has those and 999, which only it has: 999 and one of
+        // the origin's two go to it, and the other stays with the origin.
+        connect(&mut swarm, now, 2, Role::Relay, &[999, 1000, 1001]);
+        let (mut cancelled, mut moved) = (Vec::new(), Vec::new());
+        for _ in 0..4 {
+            now += 5_000;
+            swarm.handle_timeout(now);
+            for o in drain(&mut swarm) {
+                match o {
+                    Output::Send { conn, message: Message::Cancel { seq } } if conn == origin => cancelled.push(seq),
+                    Output::Send { conn, message: Message::Request { seqs } } if conn == relay => moved.extend(seqs),
+                    _ => {}
+                }
+            }
+        }
+        moved.sort_unstable();
+        assert_eq!(moved, vec![999, 1000], "the relay was not asked for what it alone has, or not first");
+        assert_eq!(cancelled, vec![1000], "the origin was told to drop a request nobody else was asked for");
     }
 
     /// A node remembers at most `max_known` peers however many it is told of. Once its table is
