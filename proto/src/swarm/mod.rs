@@ -1123,6 +1123,9 @@ impl Swarm {
                 }
                 continue;
             }
+            // Asking says it does not have the chunk, whatever it said before (a `Cancel` of a
+            // request it took back reads as "got it").
+            n.have.remove(seq);
             let Some(chunk) = self.chunks.get(seq) else {
                 self.send(conn, Message::Cancel { seq });
                 continue;
@@ -2505,6 +2508,35 @@ mod one_node {
         swarm.handle_disconnected(now + 30_000, first);
         swarm.handle_message(now + 40_000, asker, Message::Request { seqs: vec![1008] });
         assert_eq!(pushed_to(&sent(&mut swarm, now + 40_000)), vec![asker], "the orphaned chunk was not served");
+    }
+
+    /// A requester that takes a waiting request back (`Cancel`: it asked a relay instead) and later
+    /// asks the origin again, because the relay let it down, is waited for and rescued like anyone:
+    /// a request says the requester does not have the chunk, whatever its `Cancel` said before.
+    #[test]
+    fn a_request_taken_back_and_made_again_still_waits_for_a_rescue() {
+        let config = Config { role: Role::Origin, origin_fanout: 1, origin_max_upload: 1.0, ..Config::default() };
+        let (mut swarm, key) = swarm_with(config, &[RELAY; 2]);
+        let (first, asker) = (ConnId(1), ConnId(2));
+        let now = 1_000_000;
+        subscribe(&mut swarm, now, first);
+        for seq in [1000, 1004, 1008] {
+            let chunk = Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            swarm.publish(now, chunk);
+            assert_eq!(pushed_to(&drain(&mut swarm)), vec![first]);
+            swarm.handle_chunk_sent(now, first, seq, true);
+        }
+        // Two answers use up the burst allowance; the request for 1008 waits.
+        swarm.handle_message(now, asker, Message::Request { seqs: vec![1000, 1004, 1008] });
+        assert_eq!(pushed_to(&drain(&mut swarm)), vec![asker, asker]);
+        swarm.handle_message(now + 5_000, asker, Message::Cancel { seq: 1008 });
+        swarm.handle_message(now + 10_000, asker, Message::Request { seqs: vec![1008] });
+        swarm.handle_timeout(now + 20_000);
+        assert!(pushed_to(&drain(&mut swarm)).is_empty(), "a young chunk was served over the budget");
+        // The first-tier child goes before relaying it: the waiting request is answered.
+        swarm.handle_disconnected(now + 30_000, first);
+        swarm.handle_timeout(now + 40_000);
+        assert_eq!(pushed_to(&drain(&mut swarm)), vec![asker], "the request made again was forgotten");
     }
 
     /// A request for a young chunk that the origin lets wait is answered once the chunk's whole first
