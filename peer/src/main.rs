@@ -328,9 +328,10 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let uplinks = match a.upload_mean {
-        Some(mean) => format!("uploads mean {mean}x, {} % below 1x", a.slow_share * 100.0),
-        None => "uploads unlimited".to_owned(),
+    let uplinks = match (a.upload_mean, a.max_upload) {
+        (Some(mean), _) => format!("uploads mean {mean}x, {} % below 1x", a.slow_share * 100.0),
+        (None, Some(cap)) => format!("uploads capped at {} bit/s", cap.saturating_mul(8)),
+        (None, None) => "uploads unlimited".to_owned(),
     };
     eprintln!(
         "lab: {} peers, {:?}, {} bit/s in {} ms chunks, links {:?} ± {:?}, loss {} %, {uplinks}",

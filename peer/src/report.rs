@@ -28,6 +28,8 @@ pub struct Scenario {
     pub bitrate_bps: u64,
     /// Chunk duration, ms.
     pub chunk_ms: u32,
+    /// Keyframe (random-access chunk) interval, ms: where a joiner may start.
+    pub keyint_ms: u64,
     /// Mean one-way link delay, ms.
     pub link_delay_ms: f64,
     /// Jitter bound, ms.
@@ -50,12 +52,14 @@ pub struct Scenario {
     pub upload_mean: Option<f64>,
     /// Upload mix: share of peers uploading below the bitrate (None where uploads are unlimited).
     pub slow_share: Option<f64>,
+    /// One upload cap for every peer, bits per second (lab `--max-upload`; None: none, or the mix).
+    pub max_upload_bps: Option<u64>,
     /// The origin's upload as a multiple of the bitrate (None: unlimited).
     pub origin_upload: Option<f64>,
     /// Most peers each node remembers (`max_known`).
     pub known_peers: usize,
-    /// Every pair of peers exactly `link_delay_ms` apart (the lab always is; the simulator otherwise
-    /// draws delays from its geography).
+    /// Every pair of peers exactly `link_delay_ms` apart, jitter aside (the lab always is; the
+    /// simulator otherwise draws delays from its geography).
     pub uniform_delay: bool,
     /// Seed.
     pub seed: u64,

@@ -55,6 +55,8 @@ fn a_small_simulation_gives_a_consistent_report_and_plots() {
     assert_eq!(scenario["known_peers"], sc.known_peers);
     assert_eq!(scenario["ramp_s"], 2.0);
     assert_eq!(scenario["uniform_delay"], false);
+    assert_eq!(scenario["keyint_ms"], sc.random_access_every * u64::from(sc.chunk_ms));
+    assert_eq!(scenario["max_upload_bps"], serde_json::Value::Null);
     // A run shorter than the warm-up has no steady origin figure.
     let short = run(&SimScenario { duration: Duration::from_secs(4), ..sc });
     assert_eq!(short.origin_upload_ratio_after_warm_up, None);
