@@ -2394,6 +2394,42 @@ mod one_node {
             .collect()
     }
 
+    /// An origin with one first-tier child per substream (conn 1; conn 2 is another relay) and an
+    /// upload budget of one copy of the stream, that has published `seqs` at `now` and pushed each
+    /// to the child, all of it delivered.
+    fn origin_with_a_first_tier(now: Time, seqs: &[u64]) -> (Swarm, StreamKey) {
+        let config = Config { role: Role::Origin, origin_fanout: 1, origin_max_upload: 1.0, ..Config::default() };
+        let (mut swarm, key) = swarm_with(config, &[RELAY; 2]);
+        let first = ConnId(1);
+        subscribe(&mut swarm, now, first);
+        for &seq in seqs {
+            let chunk = Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            swarm.publish(now, chunk);
+            assert_eq!(pushed_to(&drain(&mut swarm)), vec![first]);
+            swarm.handle_chunk_sent(now, first, seq, true);
+        }
+        (swarm, key)
+    }
+
+    /// Connects a neighbour of `role` on `conn` (we dialled it) that says hello and announces `have`.
+    fn connect(swarm: &mut Swarm, stream_key: &StreamKey, now: Time, conn: u64, role: Role, have: &[u64]) {
+        let node = NodeKey::from_secret_bytes([conn as u8 + 3; 32]).id();
+        let hello = Hello {
+            version: crate::PROTOCOL_VERSION,
+            stream: stream_key.id(),
+            node,
+            role,
+            listen: Vec::new(),
+            have: crate::window::BufferMap::empty(0),
+        };
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
+        swarm.handle_connected(now, ConnId(conn), node, addr, true);
+        swarm.handle_message(now, ConnId(conn), Message::Hello(Box::new(hello)));
+        for &seq in have {
+            swarm.handle_message(now, ConnId(conn), Message::Have { seq });
+        }
+    }
+
     /// Full, we let a leaf child go for a relay (once the leaf has held its place a while), keep
     /// pushing to the leaf for a moment so it misses nothing while it re-attaches, and never let
     /// a leaf go for another leaf.
@@ -2478,12 +2514,9 @@ mod one_node {
     /// chunk whose first-tier child has vanished since may have died with it, and is served at once.
     #[test]
     fn the_origin_rescues_a_chunk_its_vanished_first_tier_child_had() {
-        // One first-tier child per substream, and an upload budget of one copy of the stream.
-        let config = Config { role: Role::Origin, origin_fanout: 1, origin_max_upload: 1.0, ..Config::default() };
-        let (mut swarm, key) = swarm_with(config, &[RELAY; 2]);
         let (first, asker) = (ConnId(1), ConnId(2));
         let now = 1_000_000;
-        subscribe(&mut swarm, now, first);
+        let (mut swarm, _) = origin_with_a_first_tier(now, &[1000, 1004, 1008]);
         // Sent means done here: the uplink is not what this test is about.
         let sent = |swarm: &mut Swarm, now: Time| {
             let out = drain(swarm);
@@ -2494,11 +2527,6 @@ mod one_node {
             }
             out
         };
-        for seq in [1000, 1004, 1008] {
-            let chunk = Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
-            swarm.publish(now, chunk);
-            assert_eq!(pushed_to(&sent(&mut swarm, now)), vec![first]);
-        }
         // Two repair answers use up the burst allowance; the third request waits for the tree.
         swarm.handle_message(now, asker, Message::Request { seqs: vec![1000, 1004, 1008] });
         let out = sent(&mut swarm, now);
@@ -2515,17 +2543,9 @@ mod one_node {
     /// a request says the requester does not have the chunk, whatever its `Cancel` said before.
     #[test]
     fn a_request_taken_back_and_made_again_still_waits_for_a_rescue() {
-        let config = Config { role: Role::Origin, origin_fanout: 1, origin_max_upload: 1.0, ..Config::default() };
-        let (mut swarm, key) = swarm_with(config, &[RELAY; 2]);
         let (first, asker) = (ConnId(1), ConnId(2));
         let now = 1_000_000;
-        subscribe(&mut swarm, now, first);
-        for seq in [1000, 1004, 1008] {
-            let chunk = Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
-            swarm.publish(now, chunk);
-            assert_eq!(pushed_to(&drain(&mut swarm)), vec![first]);
-            swarm.handle_chunk_sent(now, first, seq, true);
-        }
+        let (mut swarm, _) = origin_with_a_first_tier(now, &[1000, 1004, 1008]);
         // Two answers use up the burst allowance; the request for 1008 waits.
         swarm.handle_message(now, asker, Message::Request { seqs: vec![1000, 1004, 1008] });
         assert_eq!(pushed_to(&drain(&mut swarm)), vec![asker, asker]);
@@ -2546,20 +2566,12 @@ mod one_node {
     #[test]
     fn the_origin_answers_a_waiting_request_once_its_first_tier_goes_quiet() {
         let answers_to_waiting_request = |tier_takes_pushes: bool| {
-            let config = Config { role: Role::Origin, origin_fanout: 1, origin_max_upload: 1.0, ..Config::default() };
-            let (mut swarm, key) = swarm_with(config, &[RELAY; 2]);
             let (first, asker) = (ConnId(1), ConnId(2));
             let now = 1_000_000;
-            subscribe(&mut swarm, now, first);
-            let chunk =
-                |seq: u64| Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
-            for seq in [1000, 1004, 1008] {
-                swarm.publish(now, chunk(seq));
-                assert_eq!(pushed_to(&drain(&mut swarm)), vec![first]);
-                swarm.handle_chunk_sent(now, first, seq, true);
-            }
+            let (mut swarm, key) = origin_with_a_first_tier(now, &[1000, 1004, 1008]);
             // The next push is the one the tier may not take.
-            swarm.publish(now + 100_000, chunk(1012));
+            let chunk = Verified::sign(&key, 1012, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"));
+            swarm.publish(now + 100_000, chunk);
             assert_eq!(pushed_to(&drain(&mut swarm)), vec![first]);
             if tier_takes_pushes {
                 swarm.handle_chunk_sent(now + 150_000, first, 1012, true);
@@ -2659,21 +2671,6 @@ mod one_node {
     fn a_joiner_takes_its_first_requests_back_from_the_origin_once_a_relay_has_the_chunk() {
         let stream_key = StreamKey::from_secret_bytes([1; 32]);
         let mut swarm = Swarm::new(Config::default(), stream_key.id(), NodeKey::from_secret_bytes([2; 32]).id());
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
-        let hello = |conn: u64, role: Role| {
-            let node = NodeKey::from_secret_bytes([conn as u8 + 3; 32]).id();
-            (
-                node,
-                Message::Hello(Box::new(Hello {
-                    version: crate::PROTOCOL_VERSION,
-                    stream: stream_key.id(),
-                    node,
-                    role,
-                    listen: Vec::new(),
-                    have: crate::window::BufferMap::empty(0),
-                })),
-            )
-        };
         let requested_from = |out: &[Output], seq: u64| -> Vec<ConnId> {
             out.iter()
                 .filter_map(|o| match o {
@@ -2683,9 +2680,7 @@ mod one_node {
                 .collect()
         };
         let seq = 1_000;
-        let (origin, origin_hello) = hello(1, Role::Origin);
-        swarm.handle_connected(0, ConnId(1), origin, addr, true);
-        swarm.handle_message(0, ConnId(1), origin_hello);
+        connect(&mut swarm, &stream_key, 0, 1, Role::Origin, &[]);
         swarm.handle_message(1_000, ConnId(1), Message::Have { seq });
         let mut now = 1_000;
         let mut out = Vec::new();
@@ -2696,10 +2691,7 @@ mod one_node {
         }
         assert_eq!(requested_from(&out, seq), vec![ConnId(1)], "the first request goes to the origin");
         // The origin says nothing (it lets the request wait); a relay connects and has the chunk.
-        let (relay, relay_hello) = hello(2, Role::Relay);
-        swarm.handle_connected(now, ConnId(2), relay, addr, true);
-        swarm.handle_message(now, ConnId(2), relay_hello);
-        swarm.handle_message(now, ConnId(2), Message::Have { seq });
+        connect(&mut swarm, &stream_key, now, 2, Role::Relay, &[seq]);
         let asked_origin_at = now;
         let mut out = Vec::new();
         while requested_from(&out, seq).is_empty() && now < asked_origin_at + 1_000_000 {
@@ -2729,26 +2721,9 @@ mod one_node {
         let stream_key = StreamKey::from_secret_bytes([1; 32]);
         let config = Config { max_requests_per_neighbour: 2, ..Config::default() };
         let mut swarm = Swarm::new(config, stream_key.id(), NodeKey::from_secret_bytes([2; 32]).id());
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!());
-        let connect = |swarm: &mut Swarm, now: Time, conn: u64, role: Role, have: &[u64]| {
-            let node = NodeKey::from_secret_bytes([conn as u8 + 3; 32]).id();
-            let hello = Hello {
-                version: crate::PROTOCOL_VERSION,
-                stream: stream_key.id(),
-                node,
-                role,
-                listen: Vec::new(),
-                have: crate::window::BufferMap::empty(0),
-            };
-            swarm.handle_connected(now, ConnId(conn), node, addr, true);
-            swarm.handle_message(now, ConnId(conn), Message::Hello(Box::new(hello)));
-            for &seq in have {
-                swarm.handle_message(now, ConnId(conn), Message::Have { seq });
-            }
-        };
         let (origin, relay) = (ConnId(1), ConnId(2));
         // The origin has 1000 and 1001; the joiner asks it for both (its whole allowance there).
-        connect(&mut swarm, 0, 1, Role::Origin, &[1000, 1001]);
+        connect(&mut swarm, &stream_key, 0, 1, Role::Origin, &[1000, 1001]);
         let mut now = 0;
         let mut asked_origin = Vec::new();
         while asked_origin.len() < 2 && now < 200_000 {
@@ -2764,7 +2739,7 @@ mod one_node {
         assert_eq!(asked_origin, vec![1000, 1001]);
         // A relay with room for two requests has those and 999, which only it has: 999 and one of
         // the origin's two go to it, and the other stays with the origin.
-        connect(&mut swarm, now, 2, Role::Relay, &[999, 1000, 1001]);
+        connect(&mut swarm, &stream_key, now, 2, Role::Relay, &[999, 1000, 1001]);
         let (mut cancelled, mut moved) = (Vec::new(), Vec::new());
         for _ in 0..4 {
             now += 5_000;
