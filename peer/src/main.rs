@@ -146,6 +146,7 @@ struct LabArgs {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     ramp: Duration,
     /// Per-relay upload cap (bytes/s with k/M/G, or bits with a trailing "bit"): the node's chunk shaper only.
+    /// The same for every relay; --upload-mean, when given, sets each relay's cap instead.
     #[arg(long, value_parser = parse_rate)]
     max_upload: Option<u64>,
     /// One-way delay of every link (emulated under each node's QUIC socket), e.g. 20ms.
