@@ -342,6 +342,9 @@ pub struct Counters {
     pub chunk_bytes_up: u64,
     /// Chunk payload bytes received.
     pub chunk_bytes_down: u64,
+    /// The part of [`Counters::chunk_bytes_down`] that came straight from an origin: what the
+    /// broadcaster uploaded to us, which a lab fed by someone else's stream adds up over its nodes.
+    pub chunk_bytes_from_origin: u64,
     /// Control messages sent.
     pub messages_sent: u64,
     /// Control-message bytes sent (approximate: encoded frame sizes).
@@ -821,6 +824,9 @@ impl Swarm {
         self.counters.chunk_bytes_down += bytes as u64;
         let mut news = false;
         if let Some(n) = self.neighbours.get_mut(&conn) {
+            if n.role == Role::Origin {
+                self.counters.chunk_bytes_from_origin += bytes as u64;
+            }
             n.timeouts_in_a_row = 0;
             n.kept_promise();
             news = n.have.insert(seq, ()) != Insert::Duplicate;
