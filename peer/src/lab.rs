@@ -1,7 +1,19 @@
-//! The swarm lab: N real nodes over real QUIC on 127.0.0.1 in this process, fed by a synthetic origin,
-//! measured, and summarised in a JSON report.
+//! The swarm lab: N real nodes over real QUIC on 127.0.0.1, in this process or spread over worker
+//! processes, fed by a synthetic origin or by a live stream's ticket, measured, and summarised in a
+//! JSON report.
 //!
-//! All nodes share one clock, so latency is exact: arrival time − capture time. Scenarios: steady
+//! **Feed.** By default an origin in the lab's own process publishes a signed random payload at the
+//! configured bitrate ([`Feed::Synthetic`]). Given a ticket ([`Feed::Ticket`]), the relays join a
+//! stream that is already live (a real broadcaster, started apart): the report then takes the
+//! bitrate and chunk length from the chunks, and the origin's upload from what the relays received
+//! straight from it (the broadcaster's own counters are in another process, perhaps another host).
+//!
+//! **Processes.** With [`LabConfig::processes`] above 1 the relays are split over that many worker
+//! processes (`crowdsurf-peer lab-worker`, see [`worker`]), each with its own runtime; the origin and
+//! the schedule's clock stay here. Each worker runs the whole schedule and acts on its share of it
+//! ([`crowd`]), and hands its peers' figures back at the end.
+//!
+//! All nodes share one host clock, so latency is exact: arrival time − capture time. Scenarios: steady
 //! (everyone joins within the first [`LabConfig::ramp`]), churn (peers leave without a goodbye and new ones join at a given
 //! rate) and flash crowd (a batch of peers joins within a short time mid-run).
 //!
@@ -23,20 +35,68 @@
 //! means to measure.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crowdsurf_proto::wire::Role;
-use crowdsurf_proto::{NodeKey, StreamKey};
+use crowdsurf_proto::{NodeKey, StreamKey, Ticket};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::net::LinkModel;
-use crate::node::{Node, NodeConfig, NodeHandle};
-use crate::report::{Event, PeerRaw, Report, RunTotals, Scenario};
+use crate::node::{Node, NodeConfig};
+use crate::report::{Report, RunTotals, Scenario};
 use crate::source::SyntheticSource;
-use crate::stats::{LatencySummary, NodeStats};
+use crate::stats::LatencySummary;
+
+mod crowd;
+pub mod worker;
+
+/// Where a lab's stream comes from.
+#[derive(Debug, Clone, Default)]
+pub enum Feed {
+    /// An origin in the lab's process publishes a signed random payload at
+    /// [`LabConfig::bitrate_bps`] in [`LabConfig::chunk_ms`] chunks.
+    #[default]
+    Synthetic,
+    /// The relays join the live stream this ticket names (a broadcaster started apart).
+    Ticket(Ticket),
+}
+
+/// Why a lab run failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LabError {
+    /// A node could not be set up.
+    #[error(transparent)]
+    Node(#[from] crate::NodeError),
+    /// The options do not make a run.
+    #[error("lab: {0}")]
+    Config(String),
+    /// A worker process could not be started or talked to.
+    #[error("lab worker process ({exe}): {source}")]
+    Spawn {
+        /// The program started.
+        exe: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A worker process failed or ended without its figures.
+    #[error("lab worker {share}: {message}")]
+    Worker {
+        /// Which share of the relays it ran.
+        share: usize,
+        /// What it said, or how it ended.
+        message: String,
+    },
+    /// Fed by a ticket, no relay delivered a single chunk.
+    #[error("no relay delivered a chunk of the ticket's stream: is it live, and are its nodes reachable?")]
+    NothingDelivered,
+}
 
 /// What to run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabConfig {
     /// Relays at the start.
     pub peers: usize,
@@ -80,6 +140,16 @@ pub struct LabConfig {
     pub seed: u64,
     /// Print a progress line this often (None: quiet).
     pub progress: Option<Duration>,
+    /// Where the stream comes from (not sent to worker processes, which get a ticket).
+    #[serde(skip)]
+    pub feed: Feed,
+    /// Operating-system processes to run the relays in: 1 runs them in this process beside the
+    /// origin; more starts that many `crowdsurf-peer lab-worker` processes and splits the relays
+    /// among them.
+    pub processes: usize,
+    /// The program a worker process runs (None: this executable, which must be `crowdsurf-peer`).
+    #[serde(skip)]
+    pub worker_exe: Option<PathBuf>,
 }
 
 impl Default for LabConfig {
@@ -105,19 +175,11 @@ impl Default for LabConfig {
             flash_over: Duration::from_secs(2),
             seed: 1,
             progress: Some(Duration::from_secs(2)),
+            feed: Feed::Synthetic,
+            processes: 1,
+            worker_exe: None,
         }
     }
-}
-
-struct Peer {
-    handle: NodeHandle,
-    upload_bps: Option<u64>,
-    joined: Instant,
-    left: Option<Instant>,
-    /// Set by the peer's delivery reader the moment its first chunk is handed on.
-    first_delivery: Arc<OnceLock<Instant>>,
-    abort: tokio::task::AbortHandle,
-    final_stats: Option<NodeStats>,
 }
 
 fn now_us() -> u64 {
@@ -170,197 +232,158 @@ impl LabConfig {
 /// The link's bottleneck over the chunk upload level: QUIC and UDP headers, control, acknowledgements.
 const LINK_HEADROOM: f64 = 1.1;
 
+/// How far ahead of now a run split over worker processes starts, so that every worker has been
+/// started and has read its plan before the first relay is due (a late one catches up).
+const WORKER_LEAD: Duration = Duration::from_millis(500);
+
+/// How long after the stream ends a share's figures may take to arrive: one playback latency to let
+/// the last chunks land, the collection itself, and room for a loaded machine.
+const COLLECT_GRACE: Duration = Duration::from_secs(60);
+
+/// The origin of a synthetic feed, in this process.
+struct Origin {
+    handle: crate::NodeHandle,
+    source: SyntheticSource,
+    upload_bps: Option<u64>,
+}
+
+/// One share of the relays under way, in this process or in a worker.
+struct Share {
+    progress: watch::Receiver<crowd::Progress>,
+    outcome: tokio::task::JoinHandle<Result<crowd::Outcome, LabError>>,
+}
+
 /// Runs the lab to the end and returns its report.
-pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
-    let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-    let stream = StreamKey::from_secret_bytes(key(cfg.seed, u64::MAX));
-    let stream_id = stream.id();
-    let latency_us = cfg.latency.as_micros() as u64;
-    // Ten seconds of window whatever the chunk length, as the simulator keeps.
-    let window = (10_000 / cfg.chunk_ms.max(1)).max(8) as usize;
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut origin_cfg = NodeConfig::new(NodeKey::from_secret_bytes(key(cfg.seed, 0)), stream.id(), loopback);
-    origin_cfg.swarm.role = Role::Origin;
-    origin_cfg.swarm.target_latency_us = latency_us;
-    origin_cfg.swarm.window = window;
-    origin_cfg.swarm.max_neighbours = 64;
-    let origin_upload_bps = cfg.origin_upload.map(|m| (m * cfg.bitrate_bps as f64) as u64);
-    origin_cfg.endpoint.link = cfg.link(origin_upload_bps, cfg.seed);
-    if let Some(bps) = origin_upload_bps {
-        origin_cfg.endpoint.max_upload_bytes_per_sec = Some((bps / 8).max(1));
+pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
+    if cfg.processes == 0 {
+        return Err(LabError::Config("--processes must be at least 1".into()));
     }
-    let (origin_node, origin) = Node::bind(origin_cfg)?;
-    let boot = origin.node_addr();
-    tasks.spawn(async move {
-        let _ = origin_node.run().await;
-    });
+    let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let latency_us = cfg.latency.as_micros() as u64;
+    let mut tasks = tokio::task::JoinSet::new();
     let lag = Arc::new(std::sync::Mutex::new(
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
             .unwrap_or_else(|_| unreachable!("static bounds are valid")),
     ));
     tasks.spawn(sample_scheduler_lag(lag.clone()));
     let cpu_start = process_cpu_seconds();
-    let start = Instant::now();
-    let start_us = now_us();
-    let mut events: Vec<Event> = Vec::new();
-    let mut peers: Vec<Peer> = Vec::new();
-    let mut next_key = 1u64;
-    let mut upload_rng = fastrand::Rng::with_seed(cfg.seed ^ 0x0b10ad);
-    let mut join = |tasks: &mut tokio::task::JoinSet<()>, peers: &mut Vec<Peer>| -> Result<(), crate::NodeError> {
-        let mut c = NodeConfig::new(NodeKey::from_secret_bytes(key(cfg.seed, next_key)), stream_id, loopback);
-        c.swarm.seed = cfg.seed ^ next_key;
-        next_key += 1;
-        c.swarm.target_latency_us = latency_us;
-        c.swarm.window = window;
-        c.endpoint.max_upload_bytes_per_sec = cfg.max_upload;
-        let upload_bps = cfg.upload_mean.map(|mean| {
-            let factor = crate::simulate::upload_factor(&mut upload_rng, mean, cfg.slow_share);
-            (factor * cfg.bitrate_bps as f64) as u64
-        });
-        if let Some(bps) = upload_bps {
-            c.endpoint.max_upload_bytes_per_sec = Some((bps / 8).max(1));
-            c.swarm.push_slots = c.swarm.push_slots_for_upload(bps, cfg.bitrate_bps);
-        }
-        c.endpoint.link = cfg.link(upload_bps, cfg.seed ^ next_key.wrapping_mul(0x9E37_79B9));
-        let upload_bps = upload_bps.or(cfg.max_upload.map(|b| b * 8));
-        c.bootstrap = vec![boot.clone()];
-        let (mut node, handle) = Node::bind(c)?;
-        let mut rx = node.take_deliveries().unwrap_or_else(|| unreachable!("taken once, right here"));
-        let joined = Instant::now();
-        let abort = tasks.spawn(async move {
-            let _ = node.run().await;
-        });
-        // Startup is timed by a reader of its own, woken by the delivery itself: the main loop below
-        // only wakes every 200 to 250 ms, which put up to 200 ms on a startup of under a second.
-        let first_delivery = Arc::new(OnceLock::new());
-        let first = first_delivery.clone();
-        tasks.spawn(async move {
-            while let Some(d) = rx.recv().await {
-                if matches!(d, crate::Delivery::Chunk(_)) && first.get().is_none() {
-                    let _ = first.set(Instant::now());
-                }
+    // The feed: an origin here, or a stream that is already live.
+    let (origin, ticket, window) = match &cfg.feed {
+        Feed::Synthetic => {
+            let stream = StreamKey::from_secret_bytes(key(cfg.seed, u64::MAX));
+            // Ten seconds of window whatever the chunk length, as the simulator keeps.
+            let window = (10_000 / cfg.chunk_ms.max(1)).max(8) as usize;
+            let mut origin_cfg = NodeConfig::new(NodeKey::from_secret_bytes(key(cfg.seed, 0)), stream.id(), loopback);
+            origin_cfg.swarm.role = Role::Origin;
+            origin_cfg.swarm.target_latency_us = latency_us;
+            origin_cfg.swarm.window = window;
+            origin_cfg.swarm.max_neighbours = 64;
+            let upload_bps = cfg.origin_upload.map(|m| (m * cfg.bitrate_bps as f64) as u64);
+            origin_cfg.endpoint.link = cfg.link(upload_bps, cfg.seed);
+            if let Some(bps) = upload_bps {
+                origin_cfg.endpoint.max_upload_bytes_per_sec = Some((bps / 8).max(1));
             }
-        });
-        peers.push(Peer { handle, upload_bps, joined, left: None, first_delivery, abort, final_stats: None });
-        Ok(())
+            let (origin_node, handle) = Node::bind(origin_cfg)?;
+            let ticket = Ticket::new(stream.id(), vec![handle.node_addr()]);
+            tasks.spawn(async move {
+                let _ = origin_node.run().await;
+            });
+            let first_seq = now_us() / 1000;
+            let source =
+                SyntheticSource::new(stream, first_seq, cfg.chunk_ms, cfg.bitrate_bps, cfg.random_access_every);
+            (Some(Origin { handle, source, upload_bps }), ticket, Some(window))
+        }
+        Feed::Ticket(ticket) => (None, ticket.clone(), None),
     };
-    // Peers present at the start joined so far; with a ramp the rest join inside the loop below.
-    let mut initial = 0usize;
-    if cfg.ramp.is_zero() {
-        while initial < cfg.peers {
-            join(&mut tasks, &mut peers)?;
-            initial += 1;
+    let shares = cfg.processes;
+    let lead = if shares > 1 { WORKER_LEAD } else { Duration::ZERO };
+    let start = Instant::now() + lead;
+    let start_us = now_us() + lead.as_micros() as u64;
+    let plan = |share| crowd::Plan { cfg: cfg.clone(), ticket: ticket.to_string(), start_us, share, shares, window };
+    let mut running = Vec::with_capacity(shares);
+    if shares == 1 {
+        let (tx, rx) = watch::channel(crowd::Progress::default());
+        let plan = plan(0);
+        running.push(Share { progress: rx, outcome: tokio::spawn(async move { crowd::run(&plan, start, &tx).await }) });
+    } else {
+        let exe = match &cfg.worker_exe {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe().map_err(|source| LabError::Spawn { exe: "this program".into(), source })?,
+        };
+        for share in 0..shares {
+            let (tx, rx) = watch::channel(crowd::Progress::default());
+            let (exe, plan) = (exe.clone(), plan(share));
+            running.push(Share { progress: rx, outcome: tokio::spawn(worker::drive(exe, plan, tx)) });
         }
     }
-    let initial_due = |k: usize| start + cfg.ramp.mul_f64(k as f64 / cfg.peers.max(1) as f64);
-    let first_seq = now_us() / 1000;
-    let mut source = SyntheticSource::new(stream, first_seq, cfg.chunk_ms, cfg.bitrate_bps, cfg.random_access_every);
+    let mut origin = origin;
+    tokio::time::sleep_until(start.into()).await;
     let mut chunk_tick = tokio::time::interval(Duration::from_millis(u64::from(cfg.chunk_ms)));
     let mut progress = tokio::time::interval(cfg.progress.unwrap_or(Duration::from_secs(3600)));
     progress.tick().await;
-    let mut churn_tick = tokio::time::interval(Duration::from_millis(200));
-    // Paused during the ramp; no burst of missed ticks after it.
-    churn_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let churn_per_tick = cfg.churn_per_min * cfg.peers as f64 * 0.2 / 60.0;
-    let mut churn_debt = 0.0;
-    let mut flash_joined = 0usize;
-    let mut rng = fastrand_like(cfg.seed ^ 0xc0ffee);
     let end = start + cfg.duration;
     let mut published = 0u64;
     let warm_up = start + Duration::from_secs_f64(crate::report::WARM_UP_S);
     let mut at_warm_up = None;
-    while Instant::now() < end {
+    loop {
         tokio::select! {
+            () = tokio::time::sleep_until(end.into()) => break,
             () = tokio::time::sleep_until(warm_up.into()), if at_warm_up.is_none() => {
-                at_warm_up = Some((published, origin.stats().counters.chunk_bytes_up));
+                at_warm_up = Some((published, origin.as_ref().map_or(0, |o| o.handle.stats().counters.chunk_bytes_up)));
             }
-            _ = chunk_tick.tick() => {
-                origin.publish(source.next_chunk(now_us()));
-                published += 1;
-            }
-            () = tokio::time::sleep_until(initial_due(initial).into()), if initial < cfg.peers => {
-                while initial < cfg.peers && Instant::now() >= initial_due(initial) {
-                    join(&mut tasks, &mut peers)?;
-                    initial += 1;
-                }
-            }
-            _ = churn_tick.tick(), if initial >= cfg.peers => {
-                churn_debt += churn_per_tick;
-                while churn_debt >= 1.0 {
-                    churn_debt -= 1.0;
-                    let present: Vec<usize> = (0..peers.len()).filter(|&i| peers[i].left.is_none()).collect();
-                    if let Some(&victim) = present.get((rng() % present.len().max(1) as u64) as usize) {
-                        let p = &mut peers[victim];
-                        p.final_stats = Some(p.handle.stats());
-                        p.abort.abort();
-                        p.left = Some(Instant::now());
-                        events.push(Event { t_s: start.elapsed().as_secs_f64(), kind: "leave" });
-                    }
-                    join(&mut tasks, &mut peers)?;
-                    events.push(Event { t_s: start.elapsed().as_secs_f64(), kind: "join" });
-                }
-                let elapsed = start.elapsed();
-                if cfg.flash > flash_joined && elapsed >= cfg.flash_at {
-                    let share = ((elapsed - cfg.flash_at).as_secs_f64() / cfg.flash_over.as_secs_f64().max(0.001)).min(1.0);
-                    let due = (share * cfg.flash as f64).ceil() as usize;
-                    if flash_joined == 0 {
-                        events.push(Event { t_s: elapsed.as_secs_f64(), kind: "flash" });
-                    }
-                    while flash_joined < due {
-                        join(&mut tasks, &mut peers)?;
-                        flash_joined += 1;
-                    }
+            _ = chunk_tick.tick(), if origin.is_some() => {
+                if let Some(o) = origin.as_mut() {
+                    o.handle.publish(o.source.next_chunk(now_us()));
+                    published += 1;
                 }
             }
             _ = progress.tick(), if cfg.progress.is_some() => {
-                let present = peers.iter().filter(|p| p.left.is_none()).count();
-                let s: Vec<NodeStats> = peers.iter().filter(|p| p.left.is_none()).map(|p| p.handle.stats()).collect();
-                let worst = s.iter().map(|x| x.continuity).fold(1.0, f64::min);
-                let p99 = s.iter().map(|x| x.arrival_latency.p99_ms).fold(0.0, f64::max);
+                let now: Vec<crowd::Progress> = running.iter().map(|s| s.progress.borrow().clone()).collect();
+                let present: usize = now.iter().map(|p| p.present).sum();
+                let chunks = now.iter().map(|p| p.chunks).max().unwrap_or(0).max(published);
+                let worst = now.iter().map(|p| p.worst_continuity).fold(1.0, f64::min);
+                let p99 = now.iter().map(|p| p.worst_p99_ms).fold(0.0, f64::max);
                 eprintln!(
-                    "[{:>5.1}s] peers {present:>4} | chunks {published:>5} | worst continuity {:>6.2} % | worst p99 {p99:>6.0} ms",
+                    "[{:>5.1}s] peers {present:>4} | chunks {chunks:>5} | worst continuity {:>6.2} % | worst p99 {p99:>6.0} ms",
                     start.elapsed().as_secs_f64(), worst * 100.0
                 );
             }
         }
     }
-    // Let the last chunks land (one target latency), then collect.
+    // The shares let the last chunks land (one target latency), then collect; so does the origin.
     tokio::time::sleep(cfg.latency).await;
-    let cpu = process_cpu_seconds() - cpu_start;
-    let origin_stats = origin.stats();
-    let link_delay_us = cfg.link_delay.as_micros() as u64;
-    let raw: Vec<PeerRaw> = peers
-        .iter()
-        .map(|p| {
-            let stats = p.final_stats.clone().unwrap_or_else(|| p.handle.stats());
-            let c = &stats.counters;
-            PeerRaw {
-                node: stats.node.clone(),
-                joined_at_s: (p.joined - start).as_secs_f64(),
-                left_at_s: p.left.map(|l| (l - start).as_secs_f64()),
-                startup_s: p.first_delivery.get().map(|f| (*f - p.joined).as_secs_f64()),
-                arrivals: p
-                    .handle
-                    .stats_cell()
-                    .arrival_samples()
-                    .into_iter()
-                    .map(|(t, lat)| (t.saturating_sub(start_us) as f64 / 1e6, lat))
-                    .collect(),
-                delivered: c.delivered,
-                skipped: c.skipped,
-                push: c.push,
-                pull: c.pull,
-                duplicates: c.duplicates,
-                chunk_bytes_up: c.chunk_bytes_up,
-                control_bytes_up: c.control_bytes_up,
-                parent: stats.parent_ids.first().cloned().flatten(),
-                upload_bps: p.upload_bps,
-                parent_delay_us: link_delay_us,
-                adversary: false,
-            }
-        })
-        .collect();
-    let scenario = Scenario {
+    let mut cpu = process_cpu_seconds() - cpu_start;
+    let origin_stats = origin.as_ref().map(|o| o.handle.stats());
+    let mut outcomes = Vec::with_capacity(shares);
+    for (share, s) in running.into_iter().enumerate() {
+        let outcome = tokio::time::timeout(COLLECT_GRACE, s.outcome)
+            .await
+            .map_err(|_| LabError::Worker { share, message: "no figures within a minute of the end".into() })?
+            .map_err(|e| LabError::Worker { share, message: format!("its task failed: {e}") })??;
+        outcomes.push(outcome);
+    }
+    let mut lag = lag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut peers = Vec::new();
+    let mut events = Vec::new();
+    let mut chunks = std::collections::BTreeMap::new();
+    let (mut from_origin, mut from_origin_at_warm_up) = (0u64, Some(0u64));
+    for o in outcomes {
+        cpu += o.cpu_s;
+        for (value, count) in o.lag {
+            let _ = lag.record_n(value.max(1), count);
+        }
+        peers.extend(o.peers);
+        events.extend(o.events);
+        for c in o.chunks {
+            chunks.entry(c.seq).or_insert(c);
+        }
+        from_origin += o.from_origin;
+        from_origin_at_warm_up = from_origin_at_warm_up.zip(o.from_origin_at_warm_up).map(|(a, b)| a + b);
+    }
+    peers.sort_by_key(|(index, _)| *index);
+    let raw: Vec<_> = peers.into_iter().map(|(_, p)| p).collect();
+    events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
+    let mut scenario = Scenario {
         peers: cfg.peers,
         duration_s: cfg.duration.as_secs_f64(),
         bitrate_bps: cfg.bitrate_bps,
@@ -382,22 +405,61 @@ pub async fn run(cfg: LabConfig) -> Result<Report, crate::NodeError> {
         known_peers: crowdsurf_proto::swarm::Config::default().max_known,
         uniform_delay: true,
         seed: cfg.seed,
+        feed: "synthetic",
+        processes: Some(shares),
     };
-    let totals = RunTotals {
-        published,
-        chunk_bytes: cfg.bitrate_bps * u64::from(cfg.chunk_ms) / 8000,
-        origin_bytes_up: origin_stats.counters.chunk_bytes_up,
-        at_warm_up,
-        origin: origin_stats.node.clone(),
-        origin_upload_bps,
-        cpu_per_peer: Some(cpu / cfg.duration.as_secs_f64() / peers.len().max(1) as f64),
-        wall_s: start.elapsed().as_secs_f64(),
+    let cpu_per_peer = Some(cpu / cfg.duration.as_secs_f64() / raw.len().max(1) as f64);
+    let totals = match (&origin, origin_stats) {
+        (Some(o), Some(stats)) => RunTotals {
+            published,
+            chunk_bytes: cfg.bitrate_bps * u64::from(cfg.chunk_ms) / 8000,
+            origin_bytes_up: stats.counters.chunk_bytes_up,
+            at_warm_up,
+            origin: stats.node.clone(),
+            origin_upload_bps: o.upload_bps,
+            cpu_per_peer,
+            wall_s: start.elapsed().as_secs_f64(),
+        },
+        _ => {
+            // Fed by a ticket: the stream as the relays saw it.
+            let seen: Vec<&crowd::ChunkSeen> = chunks.values().collect();
+            let count = seen.len() as u64;
+            if count == 0 {
+                return Err(LabError::NothingDelivered);
+            }
+            let bytes: u64 = seen.iter().map(|c| c.bytes).sum();
+            let media_us: u64 = seen.iter().map(|c| u64::from(c.duration_us)).sum();
+            scenario.feed = "ticket";
+            scenario.bitrate_bps = (bytes as f64 * 8.0 / (media_us.max(1) as f64 / 1e6)) as u64;
+            // Rounded: a chunk of whole video frames is a little more or less than its nominal length.
+            scenario.chunk_ms = ((media_us / count + 500) / 1000).max(1) as u32;
+            let keys: Vec<u64> = seen.iter().filter(|c| c.random_access).map(|c| c.seq).collect();
+            scenario.keyint_ms = match (keys.first(), keys.last()) {
+                (Some(a), Some(b)) if keys.len() > 1 => {
+                    (b - a) * u64::from(scenario.chunk_ms) / (keys.len() as u64 - 1)
+                }
+                _ => 0,
+            };
+            scenario.origin_upload = None;
+            let warm_up_us = start_us + (crate::report::WARM_UP_S * 1e6) as u64;
+            RunTotals {
+                published: count,
+                chunk_bytes: bytes / count,
+                origin_bytes_up: from_origin,
+                at_warm_up: from_origin_at_warm_up
+                    .filter(|_| cfg.duration.as_secs_f64() > crate::report::WARM_UP_S)
+                    .map(|b| (seen.iter().filter(|c| c.capture_us < warm_up_us).count() as u64, b)),
+                origin: ticket.bootstrap.first().map(|n| n.id.fmt_short()).unwrap_or_default(),
+                origin_upload_bps: None,
+                cpu_per_peer,
+                wall_s: start.elapsed().as_secs_f64(),
+            }
+        }
     };
     let mut report = Report::build("lab", scenario, &totals, &raw, events);
-    report.scheduler_lag = Some(LatencySummary::of(&lag.lock().unwrap_or_else(|p| p.into_inner())));
-    origin.shutdown();
-    for p in &peers {
-        p.handle.shutdown();
+    report.scheduler_lag = Some(LatencySummary::of(&lag));
+    if let Some(o) = &origin {
+        o.handle.shutdown();
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} }).await;
     tasks.shutdown().await;

@@ -33,11 +33,15 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Measure a swarm: N real relays over QUIC on 127.0.0.1 in this process, fed by a synthetic
-    /// origin; prints progress and writes a JSON report.
+    /// Measure a swarm: N real relays over QUIC on 127.0.0.1, in this process or several, fed by a
+    /// synthetic origin or by a live stream's ticket; prints progress and writes a JSON report.
     ///
     /// Example: crowdsurf-peer lab --peers 50 --duration 30s --report lab.json
     Lab(LabArgs),
+    /// A share of a lab's relays in a process of its own, driven by `lab --processes` over stdin and
+    /// stdout (not for use by hand).
+    #[command(hide = true)]
+    LabWorker,
     /// Simulate a swarm: the same state machine in virtual time, thousands of peers, seeded and
     /// reproducible; prints progress every 5 s and writes the same report as `lab`.
     ///
@@ -176,6 +180,14 @@ struct LabArgs {
     /// Seed for keys and choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Feed the relays from this live stream (a broadcaster's or relay's ticket) instead of the
+    /// lab's synthetic origin; --bitrate, --chunk-ms, --keyint-ms and --origin-upload are then the
+    /// stream's own, measured from its chunks.
+    #[arg(long, env = "CROWDSURF_TICKET")]
+    ticket: Option<Ticket>,
+    /// Run the relays in this many worker processes (1: all in this one, beside the origin).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    processes: u32,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -300,6 +312,7 @@ async fn main() -> Result<()> {
         .init();
     match cli.command {
         Some(Command::Lab(lab)) => run_lab(lab).await,
+        Some(Command::LabWorker) => Ok(crowdsurf_peer::lab::worker::serve().await?),
         Some(Command::Sim(sim)) => run_sim(sim),
         Some(Command::Plot { reports, plots }) => plot(&reports, &plots),
         None => relay(cli.relay).await,
@@ -327,6 +340,8 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         flash,
         flash_over,
         seed: a.seed,
+        feed: a.ticket.clone().map_or(crowdsurf_peer::lab::Feed::Synthetic, crowdsurf_peer::lab::Feed::Ticket),
+        processes: a.processes as usize,
         ..Default::default()
     };
     let uplinks = match (a.upload_mean, a.max_upload) {
@@ -334,12 +349,15 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         (None, Some(cap)) => format!("uploads capped at {} bit/s", cap.saturating_mul(8)),
         (None, None) => "uploads unlimited".to_owned(),
     };
+    let feed = match &a.ticket {
+        Some(t) => format!("stream {} (by ticket)", t.stream.fmt_short()),
+        None => format!("{} bit/s in {} ms chunks", a.bitrate, a.chunk_ms),
+    };
+    let processes = if a.processes > 1 { format!(" in {} processes", a.processes) } else { String::new() };
     eprintln!(
-        "lab: {} peers, {:?}, {} bit/s in {} ms chunks, links {:?} ± {:?}, loss {} %, {uplinks}",
+        "lab: {} peers{processes}, {:?}, {feed}, links {:?} ± {:?}, loss {} %, {uplinks}",
         a.peers,
         a.duration,
-        a.bitrate,
-        a.chunk_ms,
         a.delay,
         a.jitter,
         a.loss * 100.0,

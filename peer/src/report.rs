@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::stats::LatencySummary;
 
@@ -63,15 +63,33 @@ pub struct Scenario {
     pub uniform_delay: bool,
     /// Seed.
     pub seed: u64,
+    /// Where the stream came from: "synthetic" (an origin in the lab or simulator publishing a
+    /// signed random payload) or "ticket" (a live stream already running, joined by its ticket;
+    /// bitrate and chunk length are then measured from its chunks).
+    pub feed: &'static str,
+    /// Lab only: the operating-system processes the relays ran in.
+    pub processes: Option<usize>,
 }
 
 /// Something that happened during the run, marked on the time plot.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     /// Seconds from the start.
     pub t_s: f64,
-    /// "join", "leave" or "flash".
-    pub kind: &'static str,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What an [`Event`] was ("join", "leave" or "flash" in the report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A peer joined after the start (churn).
+    Join,
+    /// A peer left without a goodbye (churn).
+    Leave,
+    /// A flash crowd began to arrive.
+    Flash,
 }
 
 /// Raw figures of one peer, as the lab or the simulator collects them.
@@ -79,7 +97,7 @@ pub struct Event {
 /// Both list the peers in the order they joined: the first [`Scenario::peers`] are the ones present
 /// at the start, the rest are **joiners** (churn replacements, flash crowds), whose startup the report
 /// gives separately.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PeerRaw {
     /// Short node id.
     pub node: String,
@@ -524,7 +542,7 @@ mod plots {
 
     use plotters::prelude::*;
 
-    use super::Report;
+    use super::{EventKind, Report};
 
     fn e<E: std::fmt::Display>(err: E) -> String {
         err.to_string()
@@ -571,9 +589,9 @@ mod plots {
         chart.configure_mesh().x_desc("time (s)").y_desc("latency (ms)").draw().map_err(e)?;
         for ev in &r.events {
             let color = match ev.kind {
-                "leave" => RED.mix(0.25),
-                "flash" => MAGENTA.mix(0.5),
-                _ => GREEN.mix(0.25),
+                EventKind::Leave => RED.mix(0.25),
+                EventKind::Flash => MAGENTA.mix(0.5),
+                EventKind::Join => GREEN.mix(0.25),
             };
             chart.draw_series(LineSeries::new([(ev.t_s, 0.0), (ev.t_s, y_max)], color)).map_err(e)?;
         }

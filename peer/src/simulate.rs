@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crowdsurf_proto::swarm::sim::{NodeSpec, Progress, Sim, SimConfig};
 
-use crate::report::{Event, PeerRaw, Report, RunTotals, Scenario};
+use crate::report::{Event, EventKind, PeerRaw, Report, RunTotals, Scenario};
 
 /// A simulated scenario.
 #[derive(Debug, Clone)]
@@ -137,16 +137,16 @@ pub fn run_with_progress(sc: &SimScenario, mut on_progress: impl FnMut(&Progress
                 (0..nodes.len()).filter(|&i| nodes[i].join_at < t && nodes[i].leave_at.is_none()).collect();
             if let Some(&victim) = present.get(rng.usize(..present.len().max(1))) {
                 nodes[victim].leave_at = Some(t);
-                events.push(Event { t_s: t as f64 / 1e6, kind: "leave" });
+                events.push(Event { t_s: t as f64 / 1e6, kind: EventKind::Leave });
             }
             nodes.push(spec(t, &mut rng));
-            events.push(Event { t_s: t as f64 / 1e6, kind: "join" });
+            events.push(Event { t_s: t as f64 / 1e6, kind: EventKind::Join });
         }
     }
     if sc.flash > 0 {
         let at = sc.flash_at.as_micros() as u64;
         let over = sc.flash_over.as_micros() as u64;
-        events.push(Event { t_s: at as f64 / 1e6, kind: "flash" });
+        events.push(Event { t_s: at as f64 / 1e6, kind: EventKind::Flash });
         for i in 0..sc.flash {
             nodes.push(spec(at + over * i as u64 / sc.flash as u64, &mut rng));
         }
@@ -235,6 +235,8 @@ pub fn run_with_progress(sc: &SimScenario, mut on_progress: impl FnMut(&Progress
         known_peers: sc.known_peers,
         uniform_delay: sc.uniform_delay,
         seed: sc.seed,
+        feed: "synthetic",
+        processes: None,
     };
     let totals = RunTotals {
         published: result.published,

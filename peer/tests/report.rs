@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crowdsurf_peer::report::write_plots;
+use crowdsurf_peer::report::{EventKind, write_plots};
 use crowdsurf_peer::simulate::{SimScenario, run};
 
 #[test]
@@ -22,7 +22,7 @@ fn a_small_simulation_gives_a_consistent_report_and_plots() {
     assert_eq!(a.kind, "sim");
     assert!(a.published >= 58, "published {}", a.published);
     assert!(a.peers_total > 30, "churn should have added peers");
-    assert!(a.events.iter().any(|e| e.kind == "leave"));
+    assert!(a.events.iter().any(|e| e.kind == EventKind::Leave));
     assert_eq!(a.per_peer.len(), a.peers_total);
     assert!(a.depth_max >= 1 && a.depth_mean >= 1.0);
     // Every traced peer's bound is positive and below what it observed at the median, give or take.
@@ -57,6 +57,10 @@ fn a_small_simulation_gives_a_consistent_report_and_plots() {
     assert_eq!(scenario["uniform_delay"], false);
     assert_eq!(scenario["keyint_ms"], sc.random_access_every * u64::from(sc.chunk_ms));
     assert_eq!(scenario["max_upload_bps"], serde_json::Value::Null);
+    assert_eq!(scenario["feed"], "synthetic");
+    assert_eq!(scenario["processes"], serde_json::Value::Null);
+    // Events keep their plain names in the JSON.
+    assert!(json["events"].as_array().unwrap().iter().any(|e| e["kind"] == "leave"));
     // A run shorter than the warm-up has no steady origin figure.
     let short = run(&SimScenario { duration: Duration::from_secs(4), ..sc });
     assert_eq!(short.origin_upload_ratio_after_warm_up, None);
