@@ -181,9 +181,11 @@ struct LabArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Feed the relays from this live stream (a broadcaster's or relay's ticket) instead of the
-    /// lab's synthetic origin; --bitrate, --chunk-ms, --keyint-ms and --origin-upload are then the
-    /// stream's own, measured from its chunks.
-    #[arg(long, env = "CROWDSURF_TICKET")]
+    /// lab's synthetic origin. The report then gives the stream's bitrate, chunk length and
+    /// key-frame interval as measured from its chunks; --bitrate only sets what --upload-mean is a
+    /// multiple of (give it the stream's), and --chunk-ms, --keyint-ms and --origin-upload do not
+    /// apply.
+    #[arg(long, conflicts_with_all = ["chunk_ms", "keyint_ms", "origin_upload"])]
     ticket: Option<Ticket>,
     /// Run the relays in this many worker processes (1: all in this one, beside the origin).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]

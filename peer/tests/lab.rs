@@ -120,3 +120,21 @@ fn a_worker_given_garbage_says_so_and_fails() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("{\"failed\":\"unreadable plan"), "{stdout}");
 }
+
+#[test]
+fn options_of_the_synthetic_origin_are_refused_with_a_ticket() {
+    let ticket = Ticket::new(
+        StreamKey::from_secret_bytes([45; 32]).id(),
+        vec![NodeAddr { id: NodeKey::from_secret_bytes([46; 32]).id(), addrs: vec!["127.0.0.1:9".parse().unwrap()] }],
+    );
+    for option in [["--chunk-ms", "100"], ["--keyint-ms", "2000"], ["--origin-upload", "4"]] {
+        let out = std::process::Command::new(worker_exe())
+            .args(["lab", "--ticket", &ticket.to_string()])
+            .args(option)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{option:?} was accepted with --ticket");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot be used with"), "{option:?}: {stderr}");
+    }
+}
