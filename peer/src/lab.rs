@@ -101,8 +101,8 @@ pub struct LabConfig {
     /// Relays at the start.
     pub peers: usize,
     /// The relays present at the start join spread evenly over this long, while the stream runs (the
-    /// simulator's `ramp`, whose default is the same). Zero: all at once, before the first chunk, so
-    /// every QUIC handshake and slow start of the swarm falls on its first second.
+    /// simulator's `ramp`, whose default is the same). Zero: all at once as the first chunk is
+    /// published, so every QUIC handshake and slow start of the swarm falls on its first second.
     pub ramp: Duration,
     /// How long the stream runs.
     pub duration: Duration,
@@ -247,10 +247,18 @@ struct Origin {
     upload_bps: Option<u64>,
 }
 
-/// One share of the relays under way, in this process or in a worker.
+/// One share of the relays under way, in this process or in a worker. Dropped before its figures
+/// are in (another share failed, the run was cancelled), it stops: its relays end, and a worker
+/// process is killed with the task that holds it.
 struct Share {
     progress: watch::Receiver<crowd::Progress>,
     outcome: tokio::task::JoinHandle<Result<crowd::Outcome, LabError>>,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.outcome.abort();
+    }
 }
 
 /// Runs the lab to the end and returns its report.
@@ -299,7 +307,16 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
     let lead = if shares > 1 { WORKER_LEAD } else { Duration::ZERO };
     let start = Instant::now() + lead;
     let start_us = now_us() + lead.as_micros() as u64;
-    let plan = |share| crowd::Plan { cfg: cfg.clone(), ticket: ticket.to_string(), start_us, share, shares, window };
+    let measure_stream = origin.is_none();
+    let plan = |share| crowd::Plan {
+        cfg: cfg.clone(),
+        ticket: ticket.to_string(),
+        start_us,
+        share,
+        shares,
+        window,
+        measure_stream,
+    };
     let mut running = Vec::with_capacity(shares);
     if shares == 1 {
         let (tx, rx) = watch::channel(crowd::Progress::default());
@@ -355,8 +372,8 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
     let mut cpu = process_cpu_seconds() - cpu_start;
     let origin_stats = origin.as_ref().map(|o| o.handle.stats());
     let mut outcomes = Vec::with_capacity(shares);
-    for (share, s) in running.into_iter().enumerate() {
-        let outcome = tokio::time::timeout(COLLECT_GRACE, s.outcome)
+    for (share, mut s) in running.into_iter().enumerate() {
+        let outcome = tokio::time::timeout(COLLECT_GRACE, &mut s.outcome)
             .await
             .map_err(|_| LabError::Worker { share, message: "no figures within a minute of the end".into() })?
             .map_err(|e| LabError::Worker { share, message: format!("its task failed: {e}") })??;

@@ -146,7 +146,7 @@ struct LabArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     latency: Duration,
     /// The relays present at the start join spread over this long, while the stream runs (as in the
-    /// simulator); 0s: all at once, before the first chunk.
+    /// simulator); 0s: all at once, as the first chunk is published.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     ramp: Duration,
     /// Per-relay upload cap (bytes/s with k/M/G, or bits with a trailing "bit"): the node's chunk shaper only.

@@ -3,7 +3,8 @@
 //!
 //! Every share runs the whole schedule and acts only on its own part of it: join number `j` (counted
 //! from 1 over the run, initial peers first) belongs to share `(j - 1) % shares`, and so does churn
-//! departure number `j`. Each share draws every peer's upload level and key, its own or not, so a run
+//! departure number `j`. Each share draws every peer's upload level, its own or not (keys come from
+//! the join number), so a run
 //! split over several processes gives each peer the key and uplink it has in one process.
 
 use std::collections::BTreeMap;
@@ -34,10 +35,12 @@ pub(crate) struct Plan {
     pub shares: usize,
     /// Each relay's window in chunks (None: the relay default).
     pub window: Option<usize>,
+    /// Record every delivered chunk's header: the stream is not ours, so the report measures it.
+    pub measure_stream: bool,
 }
 
 /// A share's figures so far, for the progress line.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Progress {
     /// Relays present.
     pub present: usize,
@@ -47,6 +50,13 @@ pub(crate) struct Progress {
     pub worst_continuity: f64,
     /// Highest p99 arrival latency among them, ms.
     pub worst_p99_ms: f64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        // Nothing heard yet is nothing missed.
+        Progress { present: 0, chunks: 0, worst_continuity: 1.0, worst_p99_ms: 0.0 }
+    }
 }
 
 /// A chunk some relay delivered, as its header describes it.
@@ -146,13 +156,14 @@ pub(crate) async fn run(plan: &Plan, start: Instant, progress: &watch::Sender<Pr
         // only wakes every 200 ms, which would put up to 200 ms on a startup of under a second.
         let first_delivery = Arc::new(OnceLock::new());
         let first = first_delivery.clone();
-        let seen = seen.clone();
+        let seen = plan.measure_stream.then(|| seen.clone());
         tasks.spawn(async move {
             while let Some(d) = rx.recv().await {
                 let crate::Delivery::Chunk(chunk) = d else { continue };
                 if first.get().is_none() {
                     let _ = first.set(Instant::now());
                 }
+                let Some(seen) = &seen else { continue };
                 let h = chunk.header();
                 seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(h.seq).or_insert(ChunkSeen {
                     seq: h.seq,
@@ -176,7 +187,7 @@ pub(crate) async fn run(plan: &Plan, start: Instant, progress: &watch::Sender<Pr
         }
     }
     let initial_due = |k: usize| start + cfg.ramp.mul_f64(k as f64 / cfg.peers.max(1) as f64);
-    let mut update = tokio::time::interval(cfg.progress.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1)));
+    let mut update = tokio::time::interval(cfg.progress.unwrap_or(Duration::from_secs(3600)));
     let mut churn_tick = tokio::time::interval(Duration::from_millis(200));
     // Paused during the ramp; no burst of missed ticks after it.
     churn_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -189,8 +200,9 @@ pub(crate) async fn run(plan: &Plan, start: Instant, progress: &watch::Sender<Pr
     let warm_up = start + Duration::from_secs_f64(crate::report::WARM_UP_S);
     let mut from_origin_at_warm_up = None;
     let from_origin = |peers: &[Peer]| peers.iter().map(|p| p.stats().counters.chunk_bytes_from_origin).sum::<u64>();
-    while Instant::now() < end {
+    loop {
         tokio::select! {
+            () = tokio::time::sleep_until(end.into()) => break,
             () = tokio::time::sleep_until(warm_up.into()), if from_origin_at_warm_up.is_none() => {
                 from_origin_at_warm_up = Some(from_origin(&peers));
             }
@@ -233,7 +245,7 @@ pub(crate) async fn run(plan: &Plan, start: Instant, progress: &watch::Sender<Pr
                     }
                 }
             }
-            _ = update.tick() => {
+            _ = update.tick(), if cfg.progress.is_some() => {
                 let s: Vec<NodeStats> = peers.iter().filter(|p| p.left.is_none()).map(|p| p.handle.stats()).collect();
                 let chunks = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() as u64;
                 progress.send_replace(Progress {
