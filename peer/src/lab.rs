@@ -74,11 +74,20 @@ pub enum LabError {
     /// The options do not make a run.
     #[error("lab: {0}")]
     Config(String),
-    /// A worker process could not be started or talked to.
+    /// A worker process could not be started.
     #[error("lab worker process ({exe}): {source}")]
     Spawn {
         /// The program started.
         exe: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The pipe between the lab and a worker process failed (in the lab: the worker's stdin or
+    /// stdout; in a worker: its own).
+    #[error("lab worker pipe ({what}): {source}")]
+    Pipe {
+        /// Which side and which stream.
+        what: String,
         /// What went wrong.
         source: std::io::Error,
     },
@@ -342,9 +351,19 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
     let mut published = 0u64;
     let warm_up = start + Duration::from_secs_f64(crate::report::WARM_UP_S);
     let mut at_warm_up = None;
+    // A share ends on its own only when it failed: look every 200 ms, and end the run there.
+    let mut watchdog = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
+            // Biased, so that the end wins over a chunk due at the same instant: a run publishes
+            // exactly one chunk per tick before its end.
+            biased;
             () = tokio::time::sleep_until(end.into()) => break,
+            _ = watchdog.tick() => {
+                if running.iter().any(|s| s.outcome.is_finished()) {
+                    break;
+                }
+            }
             () = tokio::time::sleep_until(warm_up.into()), if at_warm_up.is_none() => {
                 at_warm_up = Some((published, origin.as_ref().map_or(0, |o| o.handle.stats().counters.chunk_bytes_up)));
             }
@@ -366,6 +385,17 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
                 );
             }
         }
+    }
+    if let Some(share) = running.iter().position(|s| s.outcome.is_finished())
+        && Instant::now() < end
+    {
+        let failure = match (&mut running[share].outcome).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => LabError::Worker { share, message: "ended before the run did".into() },
+            Err(e) => LabError::Worker { share, message: format!("its task failed: {e}") },
+        };
+        // Dropping the other shares stops them.
+        return Err(failure);
     }
     // The shares let the last chunks land (one target latency), then collect; so does the origin.
     tokio::time::sleep(cfg.latency).await;

@@ -104,6 +104,33 @@ async fn a_ticket_to_nowhere_is_an_error_not_an_empty_report() {
     assert!(matches!(err, LabError::NothingDelivered), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_early_ends_the_run_at_once_and_is_named() {
+    // Share 1's worker dies on reading its plan; share 0's is a real one (the script hands it the
+    // plan it read, then the rest of its stdin, so that it still sees the lab go).
+    use std::os::unix::fs::PermissionsExt;
+    let script = std::env::temp_dir().join(format!("crowdsurf-dying-worker-{}.sh", std::process::id()));
+    let body = format!(
+        "#!/bin/sh\nread -r plan\ncase \"$plan\" in *'\"share\":1,'*) exit 3;; esac\n\
+         {{ printf '%s\\n' \"$plan\"; cat; }} | exec '{}' \"$@\"\n",
+        worker_exe().display()
+    );
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A run of ten minutes: before the lab watched its shares, it would have noticed only then.
+    let cfg = LabConfig { processes: 2, worker_exe: Some(script.clone()), ..small(4, Duration::from_secs(600)) };
+    let result = tokio::time::timeout(Duration::from_secs(120), lab::run(cfg)).await;
+    let _ = std::fs::remove_file(&script);
+    let err = result.expect("the run went on without its failed share").unwrap_err();
+    match &err {
+        LabError::Worker { share, message } => {
+            assert_eq!(*share, 1, "{err}");
+            assert!(message.contains("ended without its figures"), "{err}");
+        }
+        other => panic!("not the worker's failure: {other}"),
+    }
+}
+
 #[test]
 fn a_worker_given_garbage_says_so_and_fails() {
     use std::io::Write;

@@ -25,6 +25,9 @@ use super::{LabError, now_us, process_cpu_seconds, sample_scheduler_lag};
 /// a few MB); a longer line is an error, not a reason to grow without bound.
 const MAX_LINE: usize = 256 * 1024 * 1024;
 
+/// How long a worker has to exit once its figures are in, before it is killed.
+const REAP_GRACE: Duration = Duration::from_secs(5);
+
 /// One line a worker writes.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +41,7 @@ enum Line {
 pub(crate) async fn drive(exe: PathBuf, plan: Plan, progress: watch::Sender<Progress>) -> Result<Outcome, LabError> {
     let share = plan.share;
     let spawn_error = |source| LabError::Spawn { exe: exe.display().to_string(), source };
+    let pipe_error = |source| LabError::Pipe { what: format!("worker {share}'s stdin or stdout"), source };
     let mut child = tokio::process::Command::new(&exe)
         .arg("lab-worker")
         .stdin(std::process::Stdio::piped())
@@ -51,15 +55,15 @@ pub(crate) async fn drive(exe: PathBuf, plan: Plan, progress: watch::Sender<Prog
     };
     let mut text = serde_json::to_vec(&plan).map_err(|e| LabError::Worker { share, message: e.to_string() })?;
     text.push(b'\n');
-    stdin.write_all(&text).await.map_err(spawn_error)?;
-    stdin.flush().await.map_err(spawn_error)?;
+    stdin.write_all(&text).await.map_err(pipe_error)?;
+    stdin.flush().await.map_err(pipe_error)?;
     let mut lines = BufReader::new(stdout);
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await.map_err(spawn_error)?;
+        let n = (&mut lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await.map_err(pipe_error)?;
         if n == 0 {
-            let status = child.wait().await.map_err(spawn_error)?;
+            let status = child.wait().await.map_err(pipe_error)?;
             return Err(LabError::Worker { share, message: format!("ended without its figures ({status})") });
         }
         if n > MAX_LINE {
@@ -70,8 +74,9 @@ pub(crate) async fn drive(exe: PathBuf, plan: Plan, progress: watch::Sender<Prog
                 progress.send_replace(p);
             }
             Ok(Line::Done(outcome)) => {
+                // Its stdin closing tells it to go; one that lingers is killed as `child` drops.
                 drop(stdin);
-                let _ = child.wait().await;
+                let _ = tokio::time::timeout(REAP_GRACE, child.wait()).await;
                 return Ok(*outcome);
             }
             Ok(Line::Failed(message)) => return Err(LabError::Worker { share, message }),
@@ -84,7 +89,7 @@ pub(crate) async fn drive(exe: PathBuf, plan: Plan, progress: watch::Sender<Prog
 /// then its figures on stdout. Returns once the figures are written, or with an error once it has
 /// been written as `failed` (or when the lab went away).
 pub async fn serve() -> Result<(), LabError> {
-    let io_error = |source| LabError::Spawn { exe: "the lab (stdin/stdout)".into(), source };
+    let io_error = |source| LabError::Pipe { what: "this worker's stdin or stdout".into(), source };
     let mut stdin = BufReader::new(tokio::io::stdin());
     let mut text = Vec::new();
     (&mut stdin).take(1024 * 1024).read_until(b'\n', &mut text).await.map_err(io_error)?;
