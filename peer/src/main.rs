@@ -314,11 +314,30 @@ async fn main() -> Result<()> {
         .init();
     match cli.command {
         Some(Command::Lab(lab)) => run_lab(lab).await,
-        Some(Command::LabWorker) => Ok(crowdsurf_peer::lab::worker::serve().await?),
+        Some(Command::LabWorker) => lab_worker().await,
         Some(Command::Sim(sim)) => run_sim(sim),
         Some(Command::Plot { reports, plots }) => plot(&reports, &plots),
         None => relay(cli.relay).await,
     }
+}
+
+/// A lab worker exits as soon as it is done, and on the first panic in any of its tasks: tokio's
+/// stdin is read on a blocking thread that a normal return would wait for, and a relay's panic
+/// would otherwise leave its share running short of a relay, unnoticed.
+async fn lab_worker() -> Result<()> {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::exit(101);
+    }));
+    let code = match crowdsurf_peer::lab::worker::serve().await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
 }
 
 async fn run_lab(a: LabArgs) -> Result<()> {
