@@ -129,6 +129,21 @@ impl EndpointConfig {
     }
 }
 
+/// The largest UDP payload an endpoint accepts, which QUIC tells the other side as its
+/// `max_udp_payload_size`: a 1,500-byte Ethernet MTU less the IPv4 and UDP headers.
+///
+/// quinn's default, 65,527, sizes its receive buffer for 64 KiB datagrams: with 64 GRO segments per
+/// datagram and batches of 32 that is 134 MB of address space per endpoint, which the kernel backs
+/// (and zeroes) page by page as datagrams land, 2 MB at a time under transparent huge pages. No QUIC
+/// datagram of ours is larger than this: path MTU discovery stops at 1,452 bytes by default.
+pub const MAX_UDP_PAYLOAD: u16 = 1472;
+
+fn quic_endpoint_config() -> Result<quinn::EndpointConfig, NetError> {
+    let mut c = quinn::EndpointConfig::default();
+    c.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(|e| NetError::Config(format!("max UDP payload: {e}")))?;
+    Ok(c)
+}
+
 #[derive(Debug)]
 struct Inner {
     endpoint: quinn::Endpoint,
@@ -184,13 +199,9 @@ impl Endpoint {
         let bind_err = |source| NetError::Bind { addr: config.listen, source };
         let (endpoint, link) = match &config.link {
             None => {
-                let endpoint = quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    Some(server),
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )
-                .map_err(bind_err)?;
+                let endpoint =
+                    quinn::Endpoint::new(quic_endpoint_config()?, Some(server), socket, Arc::new(quinn::TokioRuntime))
+                        .map_err(bind_err)?;
                 (endpoint, None)
             }
             Some(model) => {
@@ -199,7 +210,7 @@ impl Endpoint {
                 let real = quinn::TokioRuntime.wrap_udp_socket(socket).map_err(bind_err)?;
                 let (emulated, handle) = emulate::EmulatedSocket::new(real, model.clone(), &runtime);
                 let endpoint = quinn::Endpoint::new_with_abstract_socket(
-                    quinn::EndpointConfig::default(),
+                    quic_endpoint_config()?,
                     Some(server),
                     Arc::new(emulated),
                     Arc::new(quinn::TokioRuntime),
