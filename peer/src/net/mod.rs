@@ -53,6 +53,17 @@ use tls::TlsIdentity;
 /// Application close code used when the endpoint as a whole shuts down.
 const ENDPOINT_CLOSE_CODE: u32 = 0;
 
+/// The initial congestion window of our connections: about two chunks of a 2.5 Mbit/s stream in
+/// 250 ms chunks, against QUIC's usual ten datagrams (14,720 bytes).
+///
+/// Almost every connection of a swarm node starts by carrying a whole chunk: a newcomer's first
+/// repairs, a new child's first push. From ten datagrams, slow start takes three round trips to
+/// carry 78 kB; from this window, one. In the lab (`lab --peers 100 --duration 30s --delay 20ms`,
+/// two runs each) the p99 arrival latency over the run went from 651–657 ms to 501–532 ms, the
+/// start-up being where it comes from. Slow start still grows the window from here, loss still
+/// shrinks it, and quinn's pacer spreads even the first flight over the estimated round trip.
+pub const DEFAULT_INITIAL_WINDOW: u64 = 160_000;
+
 /// The most connection attempts held before the node has looked at them; more are refused by quinn.
 pub const MAX_INCOMING: usize = 1024;
 
@@ -82,6 +93,9 @@ pub struct EndpointConfig {
     pub max_upload_bytes_per_sec: Option<u64>,
     /// The largest chunk payload accepted from a peer; at most [`MAX_PAYLOAD`].
     pub max_chunk_payload: u32,
+    /// Bytes a new connection may have in flight before its first acknowledgement (QUIC's initial
+    /// congestion window; see [`DEFAULT_INITIAL_WINDOW`]). Sends are paced either way.
+    pub initial_window: u64,
     /// Emulate a link under the socket (delay, jitter, loss, upload bottleneck; see [`emulate`]).
     /// `None`: the real socket as it is, with no overhead.
     pub link: Option<LinkModel>,
@@ -101,6 +115,7 @@ impl Default for EndpointConfig {
             socket_buffer_bytes: 4 * 1024 * 1024,
             max_upload_bytes_per_sec: None,
             max_chunk_payload: MAX_PAYLOAD,
+            initial_window: DEFAULT_INITIAL_WINDOW,
             link: None,
         }
     }
@@ -125,6 +140,12 @@ impl EndpointConfig {
         t.receive_window(VarInt::from_u32(self.receive_window));
         t.send_window(self.send_window);
         t.datagram_receive_buffer_size(None);
+        if self.initial_window == 0 {
+            return Err(NetError::Config("initial_window must be positive".into()));
+        }
+        let mut cc = quinn::congestion::CubicConfig::default();
+        cc.initial_window(self.initial_window);
+        t.congestion_controller_factory(Arc::new(cc));
         Ok(t)
     }
 }
@@ -448,6 +469,28 @@ mod tests {
     fn bind_outside_a_runtime_is_an_error() {
         let key = NodeKey::from_secret_bytes([1; 32]);
         assert!(matches!(Endpoint::bind(&key, loopback()), Err(NetError::NoRuntime)));
+    }
+
+    /// A fresh connection may carry a whole chunk (and more) in its first round trip: the initial
+    /// congestion window is ours, not QUIC's ten datagrams, on both sides.
+    #[tokio::test]
+    async fn a_new_connection_starts_with_our_initial_window() {
+        let server_key = NodeKey::from_secret_bytes([1; 32]);
+        let client_key = NodeKey::from_secret_bytes([2; 32]);
+        let server = Endpoint::bind(&server_key, loopback()).unwrap();
+        let client = Endpoint::bind(&client_key, loopback()).unwrap();
+        let peer = NodeAddr { id: server.node_id(), addrs: vec![server.local_addr()] };
+        let accept = tokio::spawn(async move { server.accept().await });
+        let dialed = client.connect(&peer).await.unwrap();
+        let accepted = accept.await.unwrap().unwrap().unwrap();
+        for conn in [&dialed, &accepted] {
+            // The handshake's acknowledgements grow the window in slow start: at least the initial one.
+            let cwnd = conn.stats().congestion_window;
+            assert!(cwnd >= DEFAULT_INITIAL_WINDOW, "congestion window {cwnd}");
+        }
+        let zero = EndpointConfig { initial_window: 0, ..loopback() };
+        let err = Endpoint::bind(&client_key, zero).unwrap_err();
+        assert!(matches!(err, NetError::Config(_)), "{err:?}");
     }
 
     #[tokio::test]
