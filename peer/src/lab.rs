@@ -13,7 +13,9 @@
 //! the schedule's clock stay here. Each worker runs the whole schedule and acts on its share of it
 //! ([`crowd`]), and hands its peers' figures back at the end.
 //!
-//! All nodes share one host clock, so latency is exact: arrival time − capture time. Scenarios: steady
+//! Latency is arrival time − capture time, both on the host's clock: exact for the synthetic origin
+//! and for a broadcaster on the same host; fed by a broadcaster elsewhere, it carries the two
+//! clocks' offset (keep them in NTP sync, and read the figures with that in mind). Scenarios: steady
 //! (everyone joins within the first [`LabConfig::ramp`]), churn (peers leave without a goodbye and new ones join at a given
 //! rate) and flash crowd (a batch of peers joins within a short time mid-run).
 //!
@@ -270,6 +272,47 @@ impl Drop for Share {
     }
 }
 
+/// A ticket's stream as measured from the chunks the relays played (each once, in sequence order).
+#[derive(Debug, PartialEq)]
+struct StreamSeen {
+    bitrate_bps: u64,
+    chunk_ms: u32,
+    keyint_ms: u64,
+    /// Chunks published from the first seen to the last: sequence numbers are consecutive, so a
+    /// chunk no relay got was published all the same.
+    published: u64,
+    /// Of those, the ones up to the last captured before the warm-up's end.
+    published_before_warm_up: u64,
+    /// Mean payload bytes of a chunk.
+    chunk_bytes: u64,
+}
+
+impl StreamSeen {
+    /// `None` when nothing was seen.
+    fn of(seen: &[&crowd::ChunkSeen], warm_up_us: u64) -> Option<StreamSeen> {
+        let (first, last) = (seen.first()?.seq, seen.last()?.seq);
+        let count = seen.len() as u64;
+        let bytes: u64 = seen.iter().map(|c| c.bytes).sum();
+        let media_us: u64 = seen.iter().map(|c| u64::from(c.duration_us)).sum();
+        // Rounded: a chunk of whole video frames is a little more or less than its nominal length.
+        let chunk_ms = ((media_us / count + 500) / 1000).max(1) as u32;
+        // The median gap between key chunks: one that nobody got does not double it.
+        let keys: Vec<u64> = seen.iter().filter(|c| c.random_access).map(|c| c.seq).collect();
+        let mut gaps: Vec<u64> = keys.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
+        gaps.sort_unstable();
+        let published_to = |seq: u64| seq.saturating_sub(first) + 1;
+        let before = seen.iter().filter(|c| c.capture_us < warm_up_us).map(|c| c.seq).max();
+        Some(StreamSeen {
+            bitrate_bps: (bytes as f64 * 8.0 / (media_us.max(1) as f64 / 1e6)) as u64,
+            chunk_ms,
+            keyint_ms: gaps.get(gaps.len() / 2).map_or(0, |g| g * u64::from(chunk_ms)),
+            published: published_to(last),
+            published_before_warm_up: before.map_or(0, published_to),
+            chunk_bytes: bytes / count,
+        })
+    }
+}
+
 /// Runs the lab to the end and returns its report.
 pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
     if cfg.processes == 0 {
@@ -469,33 +512,21 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
         },
         _ => {
             // Fed by a ticket: the stream as the relays saw it.
-            let seen: Vec<&crowd::ChunkSeen> = chunks.values().collect();
-            let count = seen.len() as u64;
-            if count == 0 {
-                return Err(LabError::NothingDelivered);
-            }
-            let bytes: u64 = seen.iter().map(|c| c.bytes).sum();
-            let media_us: u64 = seen.iter().map(|c| u64::from(c.duration_us)).sum();
-            scenario.feed = "ticket";
-            scenario.bitrate_bps = (bytes as f64 * 8.0 / (media_us.max(1) as f64 / 1e6)) as u64;
-            // Rounded: a chunk of whole video frames is a little more or less than its nominal length.
-            scenario.chunk_ms = ((media_us / count + 500) / 1000).max(1) as u32;
-            let keys: Vec<u64> = seen.iter().filter(|c| c.random_access).map(|c| c.seq).collect();
-            scenario.keyint_ms = match (keys.first(), keys.last()) {
-                (Some(a), Some(b)) if keys.len() > 1 => {
-                    (b - a) * u64::from(scenario.chunk_ms) / (keys.len() as u64 - 1)
-                }
-                _ => 0,
-            };
-            scenario.origin_upload = None;
             let warm_up_us = start_us + (crate::report::WARM_UP_S * 1e6) as u64;
+            let seen: Vec<&crowd::ChunkSeen> = chunks.values().collect();
+            let stream = StreamSeen::of(&seen, warm_up_us).ok_or(LabError::NothingDelivered)?;
+            scenario.feed = "ticket";
+            scenario.bitrate_bps = stream.bitrate_bps;
+            scenario.chunk_ms = stream.chunk_ms;
+            scenario.keyint_ms = stream.keyint_ms;
+            scenario.origin_upload = None;
             RunTotals {
-                published: count,
-                chunk_bytes: bytes / count,
+                published: stream.published,
+                chunk_bytes: stream.chunk_bytes,
                 origin_bytes_up: from_origin,
                 at_warm_up: from_origin_at_warm_up
                     .filter(|_| cfg.duration.as_secs_f64() > crate::report::WARM_UP_S)
-                    .map(|b| (seen.iter().filter(|c| c.capture_us < warm_up_us).count() as u64, b)),
+                    .map(|b| (stream.published_before_warm_up, b)),
                 origin: ticket.bootstrap.first().map(|n| n.id.fmt_short()).unwrap_or_default(),
                 origin_upload_bps: None,
                 cpu_per_peer,
@@ -535,4 +566,38 @@ fn process_cpu_seconds() -> f64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (tick(11) + tick(12)) / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(seq: u64, capture_us: u64, random_access: bool) -> crowd::ChunkSeen {
+        crowd::ChunkSeen { seq, bytes: 31_250, duration_us: 250_000, capture_us, random_access }
+    }
+
+    /// A 1 Mbit/s stream in 250 ms chunks with a key chunk every fourth: what the relays saw, with
+    /// chunk 7 and key chunk 12 missing.
+    #[test]
+    fn a_ticket_stream_is_measured_across_the_chunks_nobody_got() {
+        let seen: Vec<crowd::ChunkSeen> = (0..20u64)
+            .filter(|&i| i != 7 && i != 12)
+            .map(|i| chunk(100 + i, 1_000_000 + i * 250_000, i % 4 == 0))
+            .collect();
+        let refs: Vec<&crowd::ChunkSeen> = seen.iter().collect();
+        // The warm-up ends between the captures of chunks 9 and 10.
+        let stream = StreamSeen::of(&refs, 1_000_000 + 9 * 250_000 + 1).expect("chunks were seen");
+        assert_eq!(
+            stream,
+            StreamSeen {
+                bitrate_bps: 1_000_000,
+                chunk_ms: 250,
+                keyint_ms: 1000,
+                published: 20,
+                published_before_warm_up: 10,
+                chunk_bytes: 31_250,
+            }
+        );
+        assert_eq!(StreamSeen::of(&[], 0), None);
+    }
 }
