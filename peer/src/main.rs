@@ -14,9 +14,10 @@ use tracing_subscriber::EnvFilter;
 
 /// mimalloc rather than the system allocator: a node allocates a little for every message, and a
 /// large simulation does that hundreds of millions of times (10,000 peers at 100 ms chunks run about
-/// a quarter faster with it, for about a quarter more memory). Built without transparent huge pages
-/// (`no_thp`): with them a lab of 100 relays spent an eighth of its CPU in the kernel zeroing 2 MB
-/// pages and held 850 MB instead of 510 MB, while the simulator runs about as fast either way.
+/// a quarter faster with it, for about a quarter more memory). Built not to ask for transparent huge
+/// pages (`no_thp`): with them a lab of 100 relays spent an eighth of its CPU in the kernel zeroing
+/// 2 MB pages and held 850 MB instead of 510 MB, while the simulator runs about as fast either way.
+/// On a host whose THP setting is `always` rather than `madvise`, set `MIMALLOC_ALLOW_THP=0` too.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -60,9 +60,14 @@ const ENDPOINT_CLOSE_CODE: u32 = 0;
 /// repairs, a new child's first push. From ten datagrams, slow start takes three round trips to
 /// carry 78 kB; from this window, one. In the lab (`lab --peers 100 --duration 30s --delay 20ms`,
 /// two runs each) the p99 arrival latency over the run went from 651–657 ms to 501–532 ms, the
-/// start-up being where it comes from. Slow start still grows the window from here, loss still
-/// shrinks it, and quinn's pacer spreads even the first flight over the estimated round trip.
+/// start-up being where it comes from. Slow start still grows the window from here and loss still
+/// shrinks it. quinn paces by the window and the round trip, not by the uplink, so a first flight
+/// this size would sit in a thin uplink's queue for a second: with an upload cap configured, the
+/// window is cut to 100 ms of the cap.
 pub const DEFAULT_INITIAL_WINDOW: u64 = 160_000;
+
+/// QUIC's usual initial window (RFC 9002: ten datagrams of 1,472 bytes), the least we use.
+pub const QUIC_INITIAL_WINDOW: u64 = 14_720;
 
 /// The most connection attempts held before the node has looked at them; more are refused by quinn.
 pub const MAX_INCOMING: usize = 1024;
@@ -94,7 +99,9 @@ pub struct EndpointConfig {
     /// The largest chunk payload accepted from a peer; at most [`MAX_PAYLOAD`].
     pub max_chunk_payload: u32,
     /// Bytes a new connection may have in flight before its first acknowledgement (QUIC's initial
-    /// congestion window; see [`DEFAULT_INITIAL_WINDOW`]). Sends are paced either way.
+    /// congestion window; see [`DEFAULT_INITIAL_WINDOW`]), lowered to 100 ms of
+    /// [`EndpointConfig::max_upload_bytes_per_sec`] when that is set (see
+    /// [`EndpointConfig::effective_initial_window`]).
     pub initial_window: u64,
     /// Emulate a link under the socket (delay, jitter, loss, upload bottleneck; see [`emulate`]).
     /// `None`: the real socket as it is, with no overhead.
@@ -127,6 +134,16 @@ impl EndpointConfig {
         EndpointConfig { listen, ..Default::default() }
     }
 
+    /// [`EndpointConfig::initial_window`], but with an upload cap at most 100 ms of it (and never
+    /// below QUIC's usual ten datagrams): a node that knows its uplink is thin does not queue a
+    /// second of it behind one fresh connection's first flight.
+    pub fn effective_initial_window(&self) -> u64 {
+        match self.max_upload_bytes_per_sec {
+            Some(rate) => self.initial_window.min((rate / 10).max(QUIC_INITIAL_WINDOW)),
+            None => self.initial_window,
+        }
+    }
+
     fn transport(&self) -> Result<TransportConfig, NetError> {
         let mut t = TransportConfig::default();
         let idle = IdleTimeout::try_from(self.idle_timeout)
@@ -144,25 +161,10 @@ impl EndpointConfig {
             return Err(NetError::Config("initial_window must be positive".into()));
         }
         let mut cc = quinn::congestion::CubicConfig::default();
-        cc.initial_window(self.initial_window);
+        cc.initial_window(self.effective_initial_window());
         t.congestion_controller_factory(Arc::new(cc));
         Ok(t)
     }
-}
-
-/// The largest UDP payload an endpoint accepts, which QUIC tells the other side as its
-/// `max_udp_payload_size`: a 1,500-byte Ethernet MTU less the IPv4 and UDP headers.
-///
-/// quinn's default, 65,527, sizes its receive buffer for 64 KiB datagrams: with 64 GRO segments per
-/// datagram and batches of 32 that is 134 MB of address space per endpoint, which the kernel backs
-/// (and zeroes) page by page as datagrams land, 2 MB at a time under transparent huge pages. No QUIC
-/// datagram of ours is larger than this: path MTU discovery stops at 1,452 bytes by default.
-pub const MAX_UDP_PAYLOAD: u16 = 1472;
-
-fn quic_endpoint_config() -> Result<quinn::EndpointConfig, NetError> {
-    let mut c = quinn::EndpointConfig::default();
-    c.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(|e| NetError::Config(format!("max UDP payload: {e}")))?;
-    Ok(c)
 }
 
 #[derive(Debug)]
@@ -220,9 +222,13 @@ impl Endpoint {
         let bind_err = |source| NetError::Bind { addr: config.listen, source };
         let (endpoint, link) = match &config.link {
             None => {
-                let endpoint =
-                    quinn::Endpoint::new(quic_endpoint_config()?, Some(server), socket, Arc::new(quinn::TokioRuntime))
-                        .map_err(bind_err)?;
+                let endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(bind_err)?;
                 (endpoint, None)
             }
             Some(model) => {
@@ -231,7 +237,7 @@ impl Endpoint {
                 let real = quinn::TokioRuntime.wrap_udp_socket(socket).map_err(bind_err)?;
                 let (emulated, handle) = emulate::EmulatedSocket::new(real, model.clone(), &runtime);
                 let endpoint = quinn::Endpoint::new_with_abstract_socket(
-                    quic_endpoint_config()?,
+                    quinn::EndpointConfig::default(),
                     Some(server),
                     Arc::new(emulated),
                     Arc::new(quinn::TokioRuntime),
@@ -488,6 +494,11 @@ mod tests {
             let cwnd = conn.stats().congestion_window;
             assert!(cwnd >= DEFAULT_INITIAL_WINDOW, "congestion window {cwnd}");
         }
+        // With an upload cap: 100 ms of it, between QUIC's ten datagrams and ours.
+        let capped = |rate| EndpointConfig { max_upload_bytes_per_sec: Some(rate), ..loopback() };
+        assert_eq!(capped(125_000).effective_initial_window(), QUIC_INITIAL_WINDOW, "1 Mbit/s");
+        assert_eq!(capped(1_000_000).effective_initial_window(), 100_000, "8 Mbit/s");
+        assert_eq!(capped(100_000_000).effective_initial_window(), DEFAULT_INITIAL_WINDOW, "800 Mbit/s");
         let zero = EndpointConfig { initial_window: 0, ..loopback() };
         let err = Endpoint::bind(&client_key, zero).unwrap_err();
         assert!(matches!(err, NetError::Config(_)), "{err:?}");
