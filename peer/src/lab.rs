@@ -264,6 +264,8 @@ struct Origin {
 struct Share {
     progress: watch::Receiver<crowd::Progress>,
     outcome: tokio::task::JoinHandle<Result<crowd::Outcome, LabError>>,
+    /// Its figures, if it handed them in before the run's end (a worker whose clock stepped).
+    early: Option<crowd::Outcome>,
 }
 
 impl Drop for Share {
@@ -272,6 +274,11 @@ impl Drop for Share {
     }
 }
 
+/// The widest gap in sequence numbers between two chunks the relays played that is taken for
+/// chunks nobody got; a wider one is the stream starting over (chunks in a 64-chunk row lost by
+/// every relay would have shown as a continuity collapse anyway).
+const MAX_SEQ_GAP: u64 = 64;
+
 /// A ticket's stream as measured from the chunks the relays played (each once, in sequence order).
 #[derive(Debug, PartialEq)]
 struct StreamSeen {
@@ -279,7 +286,7 @@ struct StreamSeen {
     chunk_ms: u32,
     keyint_ms: u64,
     /// Chunks published from the first seen to the last: sequence numbers are consecutive, so a
-    /// chunk no relay got was published all the same.
+    /// chunk no relay got was published all the same (a jump beyond [`MAX_SEQ_GAP`] is not counted).
     published: u64,
     /// Of those, the ones up to the last captured before the warm-up's end.
     published_before_warm_up: u64,
@@ -298,14 +305,22 @@ impl StreamSeen {
         let chunk_ms = ((media_us / count + 500) / 1000).max(1) as u32;
         // The median gap between key chunks: one that nobody got does not double it.
         let keys: Vec<u64> = seen.iter().filter(|c| c.random_access).map(|c| c.seq).collect();
-        let mut gaps: Vec<u64> = keys.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
+        let mut gaps: Vec<u64> =
+            keys.windows(2).map(|w| w[1].saturating_sub(w[0])).filter(|&g| g <= MAX_SEQ_GAP).collect();
         gaps.sort_unstable();
-        let published_to = |seq: u64| seq.saturating_sub(first) + 1;
+        // Chunks published up to `seq`: the span from the first, less the jumps (a broadcaster that
+        // restarted numbers its chunks afresh, from its clock).
+        let jumps: Vec<(u64, u64)> =
+            seen.windows(2).map(|w| (w[0].seq, w[1].seq)).filter(|(a, b)| b.saturating_sub(*a) > MAX_SEQ_GAP).collect();
+        let published_to = |seq: u64| {
+            let skipped: u64 = jumps.iter().filter(|(_, b)| *b <= seq).map(|(a, b)| b - a - 1).sum();
+            seq.saturating_sub(first) + 1 - skipped
+        };
         let before = seen.iter().filter(|c| c.capture_us < warm_up_us).map(|c| c.seq).max();
         Some(StreamSeen {
             bitrate_bps: (bytes as f64 * 8.0 / (media_us.max(1) as f64 / 1e6)) as u64,
             chunk_ms,
-            keyint_ms: gaps.get(gaps.len() / 2).map_or(0, |g| g * u64::from(chunk_ms)),
+            keyint_ms: gaps.get(gaps.len() / 2).map_or(0, |g| g.saturating_mul(u64::from(chunk_ms))),
             published: published_to(last),
             published_before_warm_up: before.map_or(0, published_to),
             chunk_bytes: bytes / count,
@@ -373,7 +388,11 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
     if shares == 1 {
         let (tx, rx) = watch::channel(crowd::Progress::default());
         let plan = plan(0);
-        running.push(Share { progress: rx, outcome: tokio::spawn(async move { crowd::run(&plan, start, &tx).await }) });
+        running.push(Share {
+            progress: rx,
+            outcome: tokio::spawn(async move { crowd::run(&plan, start, &tx).await }),
+            early: None,
+        });
     } else {
         let exe = match &cfg.worker_exe {
             Some(exe) => exe.clone(),
@@ -382,7 +401,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
         for share in 0..shares {
             let (tx, rx) = watch::channel(crowd::Progress::default());
             let (exe, plan) = (exe.clone(), plan(share));
-            running.push(Share { progress: rx, outcome: tokio::spawn(worker::drive(exe, plan, tx)) });
+            running.push(Share { progress: rx, outcome: tokio::spawn(worker::drive(exe, plan, tx)), early: None });
         }
     }
     let mut origin = origin;
@@ -394,7 +413,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
     let mut published = 0u64;
     let warm_up = start + Duration::from_secs_f64(crate::report::WARM_UP_S);
     let mut at_warm_up = None;
-    // A share ends on its own only when it failed: look every 200 ms, and end the run there.
+    // A share ends before the run does when it failed: look every 200 ms, and end the run there.
     let mut watchdog = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -403,8 +422,15 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
             biased;
             () = tokio::time::sleep_until(end.into()) => break,
             _ = watchdog.tick() => {
-                if running.iter().any(|s| s.outcome.is_finished()) {
-                    break;
+                for (share, s) in running.iter_mut().enumerate() {
+                    if s.early.is_none() && s.outcome.is_finished() {
+                        // Returning drops the other shares, which stops them.
+                        match (&mut s.outcome).await {
+                            Ok(Ok(outcome)) => s.early = Some(outcome),
+                            Ok(Err(e)) => return Err(e),
+                            Err(e) => return Err(LabError::Worker { share, message: format!("its task failed: {e}") }),
+                        }
+                    }
                 }
             }
             () = tokio::time::sleep_until(warm_up.into()), if at_warm_up.is_none() => {
@@ -429,23 +455,16 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
             }
         }
     }
-    if let Some(share) = running.iter().position(|s| s.outcome.is_finished())
-        && Instant::now() < end
-    {
-        let failure = match (&mut running[share].outcome).await {
-            Ok(Err(e)) => e,
-            Ok(Ok(_)) => LabError::Worker { share, message: "ended before the run did".into() },
-            Err(e) => LabError::Worker { share, message: format!("its task failed: {e}") },
-        };
-        // Dropping the other shares stops them.
-        return Err(failure);
-    }
     // The shares let the last chunks land (one target latency), then collect; so does the origin.
     tokio::time::sleep(cfg.latency).await;
     let mut cpu = process_cpu_seconds() - cpu_start;
     let origin_stats = origin.as_ref().map(|o| o.handle.stats());
     let mut outcomes = Vec::with_capacity(shares);
     for (share, mut s) in running.into_iter().enumerate() {
+        if let Some(outcome) = s.early.take() {
+            outcomes.push(outcome);
+            continue;
+        }
         let outcome = tokio::time::timeout(COLLECT_GRACE, &mut s.outcome)
             .await
             .map_err(|_| LabError::Worker { share, message: "no figures within a minute of the end".into() })?
@@ -599,5 +618,11 @@ mod tests {
             }
         );
         assert_eq!(StreamSeen::of(&[], 0), None);
+        // The broadcaster restarted after chunk 19, numbering from its clock: 5 more chunks.
+        let mut restarted = seen.clone();
+        restarted.extend((0..5u64).map(|i| chunk(1_000_000 + i, 6_000_000 + i * 250_000, i == 0)));
+        let refs: Vec<&crowd::ChunkSeen> = restarted.iter().collect();
+        let stream = StreamSeen::of(&refs, 1_000_000 + 9 * 250_000 + 1).expect("chunks were seen");
+        assert_eq!((stream.published, stream.published_before_warm_up, stream.keyint_ms), (25, 10, 1000));
     }
 }

@@ -111,12 +111,23 @@ async fn a_worker_that_dies_early_ends_the_run_at_once_and_is_named() {
     use std::os::unix::fs::PermissionsExt;
     let script = std::env::temp_dir().join(format!("crowdsurf-dying-worker-{}.sh", std::process::id()));
     let body = format!(
-        "#!/bin/sh\nread -r plan\ncase \"$plan\" in *'\"share\":1,'*) exit 3;; esac\n\
+        "#!/bin/sh\n[ \"$1\" = probe ] && exit 0\nread -r plan\ncase \"$plan\" in *'\"share\":1'[,}}]*) exit 3;; esac\n\
          {{ printf '%s\\n' \"$plan\"; cat; }} | exec '{}' \"$@\"\n",
         worker_exe().display()
     );
     std::fs::write(&script, body).unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A process forked by another test while the script was open for writing keeps it busy
+    // (ETXTBSY) until that process execs: wait for that to pass before the lab starts it.
+    loop {
+        match std::process::Command::new(&script).arg("probe").status() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => std::thread::yield_now(),
+            status => {
+                assert!(status.unwrap().success());
+                break;
+            }
+        }
+    }
     // A run of ten minutes: before the lab watched its shares, it would have noticed only then.
     let cfg = LabConfig { processes: 2, worker_exe: Some(script.clone()), ..small(4, Duration::from_secs(600)) };
     let result = tokio::time::timeout(Duration::from_secs(120), lab::run(cfg)).await;

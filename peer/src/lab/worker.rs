@@ -63,7 +63,10 @@ pub(crate) async fn drive(exe: PathBuf, plan: Plan, progress: watch::Sender<Prog
         line.clear();
         let n = (&mut lines).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await.map_err(pipe_error)?;
         if n == 0 {
-            let status = child.wait().await.map_err(pipe_error)?;
+            let status = match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("its exit status unknown: {e}"),
+            };
             return Err(LabError::Worker { share, message: format!("ended without its figures ({status})") });
         }
         if n > MAX_LINE {
