@@ -303,15 +303,20 @@ impl StreamSeen {
         let media_us: u64 = seen.iter().map(|c| u64::from(c.duration_us)).sum();
         // Rounded: a chunk of whole video frames is a little more or less than its nominal length.
         let chunk_ms = ((media_us / count + 500) / 1000).max(1) as u32;
-        // The median gap between key chunks: one that nobody got does not double it.
-        let keys: Vec<u64> = seen.iter().filter(|c| c.random_access).map(|c| c.seq).collect();
-        let mut gaps: Vec<u64> =
-            keys.windows(2).map(|w| w[1].saturating_sub(w[0])).filter(|&g| g <= MAX_SEQ_GAP).collect();
-        gaps.sort_unstable();
-        // Chunks published up to `seq`: the span from the first, less the jumps (a broadcaster that
-        // restarted numbers its chunks afresh, from its clock).
+        // Where the numbering jumps (a broadcaster that restarted numbers its chunks afresh, from
+        // its clock): the chunks in between were never published.
         let jumps: Vec<(u64, u64)> =
             seen.windows(2).map(|w| (w[0].seq, w[1].seq)).filter(|(a, b)| b.saturating_sub(*a) > MAX_SEQ_GAP).collect();
+        // The median gap between key chunks, leaving out those across a jump: one key chunk that
+        // nobody got does not double it.
+        let keys: Vec<u64> = seen.iter().filter(|c| c.random_access).map(|c| c.seq).collect();
+        let mut gaps: Vec<u64> = keys
+            .windows(2)
+            .filter(|w| !jumps.iter().any(|&(a, b)| w[0] <= a && b <= w[1]))
+            .map(|w| w[1].saturating_sub(w[0]))
+            .collect();
+        gaps.sort_unstable();
+        // Chunks published up to `seq`: the span from the first, less the jumps.
         let published_to = |seq: u64| {
             let skipped: u64 = jumps.iter().filter(|(_, b)| *b <= seq).map(|(a, b)| b - a - 1).sum();
             seq.saturating_sub(first) + 1 - skipped
@@ -426,7 +431,10 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
                     if s.early.is_none() && s.outcome.is_finished() {
                         // Returning drops the other shares, which stops them.
                         match (&mut s.outcome).await {
-                            Ok(Ok(outcome)) => s.early = Some(outcome),
+                            Ok(Ok(outcome)) => {
+                                tracing::warn!(share, "a share handed in its figures before the run's end (its clock stepped?)");
+                                s.early = Some(outcome);
+                            }
                             Ok(Err(e)) => return Err(e),
                             Err(e) => return Err(LabError::Worker { share, message: format!("its task failed: {e}") }),
                         }
@@ -624,5 +632,16 @@ mod tests {
         let refs: Vec<&crowd::ChunkSeen> = restarted.iter().collect();
         let stream = StreamSeen::of(&refs, 1_000_000 + 9 * 250_000 + 1).expect("chunks were seen");
         assert_eq!((stream.published, stream.published_before_warm_up, stream.keyint_ms), (25, 10, 1000));
+        // 20 ms chunks with a key chunk every 100 (2 s), restarted after chunk 249, before the
+        // warm-up ends (capture time 10 s, at chunk 9 of the restarted run).
+        let mut long: Vec<crowd::ChunkSeen> = (0..250u64).map(|i| chunk(100 + i, i * 20_000, i % 100 == 0)).collect();
+        long.extend((0..250u64).map(|i| chunk(9_000_000 + i, 5_000_000 + i * 20_000, i % 100 == 0)));
+        for c in &mut long {
+            c.duration_us = 20_000;
+        }
+        let refs: Vec<&crowd::ChunkSeen> = long.iter().collect();
+        let stream = StreamSeen::of(&refs, 5_000_000 + 9 * 20_000 + 1).expect("chunks were seen");
+        assert_eq!((stream.chunk_ms, stream.keyint_ms), (20, 2000));
+        assert_eq!((stream.published, stream.published_before_warm_up), (500, 260));
     }
 }
