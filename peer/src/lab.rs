@@ -268,6 +268,16 @@ struct Share {
     early: Option<crowd::Outcome>,
 }
 
+impl Share {
+    /// Its figures, or why it has none, once its task has ended (`share` names it in the error).
+    async fn finish(&mut self, share: usize) -> Result<crowd::Outcome, LabError> {
+        match (&mut self.outcome).await {
+            Ok(result) => result,
+            Err(e) => Err(LabError::Worker { share, message: format!("its task failed: {e}") }),
+        }
+    }
+}
+
 impl Drop for Share {
     fn drop(&mut self) {
         self.outcome.abort();
@@ -429,15 +439,9 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
             _ = watchdog.tick() => {
                 for (share, s) in running.iter_mut().enumerate() {
                     if s.early.is_none() && s.outcome.is_finished() {
-                        // Returning drops the other shares, which stops them.
-                        match (&mut s.outcome).await {
-                            Ok(Ok(outcome)) => {
-                                tracing::warn!(share, "a share handed in its figures before the run's end (its clock stepped?)");
-                                s.early = Some(outcome);
-                            }
-                            Ok(Err(e)) => return Err(e),
-                            Err(e) => return Err(LabError::Worker { share, message: format!("its task failed: {e}") }),
-                        }
+                        // An error returns at once, dropping the other shares, which stops them.
+                        s.early = Some(s.finish(share).await?);
+                        tracing::warn!(share, "a share handed in its figures before the run's end (its clock stepped?)");
                     }
                 }
             }
@@ -473,10 +477,9 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
             outcomes.push(outcome);
             continue;
         }
-        let outcome = tokio::time::timeout(COLLECT_GRACE, &mut s.outcome)
+        let outcome = tokio::time::timeout(COLLECT_GRACE, s.finish(share))
             .await
-            .map_err(|_| LabError::Worker { share, message: "no figures within a minute of the end".into() })?
-            .map_err(|e| LabError::Worker { share, message: format!("its task failed: {e}") })??;
+            .map_err(|_| LabError::Worker { share, message: "no figures within a minute of the end".into() })??;
         outcomes.push(outcome);
     }
     let mut lag = lag.lock().unwrap_or_else(|p| p.into_inner()).clone();
