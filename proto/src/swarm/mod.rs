@@ -92,6 +92,14 @@
 //! - **Spread first tier (origin).** A node holds at most `origin_slots_per_node` first-tier slots
 //!   (more only in a substream that has had no child for 2 s) and takes one only in a least-served
 //!   substream, so the first tier spans several nodes.
+//! - **Paying back (origin, `origin_pay_back`, off by default).** Rescue copies and the start-up
+//!   burst take the origin beyond `origin_max_upload` times the stream. With pay-back on, once no
+//!   rescue has been needed for 2 s, a new chunk bound for two or more first-tier children is
+//!   pushed to all but the last of them (the one with the fewest children), at most once a second
+//!   and the same child at most once in 5 s, until the debt is gone. That child still gets the
+//!   `Have`, so it pulls the chunk from a neighbour; if nobody else has it, it asks the origin,
+//!   which sends it (and pauses paying back as after a rescue). Over a whole event the origin then
+//!   uploads no more than the budget, for a pull's delay on those chunks in one subtree.
 
 #[cfg(any(test, feature = "sim"))]
 mod agenda;
@@ -172,10 +180,16 @@ pub struct Config {
     /// On the origin: its chunk upload stays within this multiple of the stream it has published,
     /// first-tier pushes included. Repair answers, catch-up pushes to a new child and pushes to a
     /// leaf it let go for a relay come out of what the first tier leaves unused (slots not yet
-    /// taken, rotations, children that left), so the broadcaster's upload stays flat; the one
-    /// exception is a rescue copy (`origin_free_repairs`) of a chunk its first tier failed to
-    /// spread.
+    /// taken, rotations, children that left), so the broadcaster's upload stays flat; the
+    /// exceptions are a start-up burst of two chunks and a rescue copy (`origin_free_repairs`) of
+    /// a chunk its first tier failed to spread, which `origin_pay_back` pays back.
     pub origin_max_upload: f64,
+    /// On the origin: pay back what a rescue copy or the start-up burst sent beyond
+    /// `origin_max_upload`, by leaving out a first-tier push now and then while the swarm is calm,
+    /// so that over a whole event the broadcaster uploads no more than that multiple of the
+    /// stream. The child left out pulls that chunk from a neighbour, and its subtree gets it that
+    /// much later: a strict budget for a little latency on a few chunks. Off by default.
+    pub origin_pay_back: bool,
     /// Most nodes remembered (from tickets, peer exchange, refusals), connected or not: enough to
     /// refill a neighbourhood of `max_neighbours` many times over, few enough that a node in a
     /// swarm of thousands does not spend its memory and its housekeeping on a directory of the
@@ -230,6 +244,7 @@ impl Default for Config {
             origin_rotate_demand: 4,
             origin_slots_per_node: 4,
             origin_max_upload: 2.0,
+            origin_pay_back: false,
             max_known: 1024,
         }
     }
@@ -361,6 +376,10 @@ pub struct Counters {
     pub parent_changes: u64,
     /// On the origin: first-tier children released because their substream was not spreading.
     pub tier_rotations: u64,
+    /// On the origin: first-tier pushes left out to pay back copies sent beyond its budget.
+    pub pushes_left_out: u64,
+    /// On the origin: of those, chunks the child then had to ask the origin for after all.
+    pub left_out_served: u64,
 }
 
 /// Neighbours that refused to be our parent in one substream (or that we gave up on), each until
@@ -487,6 +506,11 @@ pub struct Swarm {
     tier_lost_at: Vec<Option<Time>>,
     /// On the origin: requests for young chunks let wait, (when, requester, seq), oldest first.
     parked: VecDeque<(Time, ConnId, u64)>,
+    /// On the origin: when it last sent a rescue copy (see [`Self::origin_answer`]).
+    last_rescue: Option<Time>,
+    /// On the origin: first-tier pushes lately left out to pay back its budget, (when, child,
+    /// seq), oldest first (see [`Self::origin_leave_out`]).
+    left_out: VecDeque<(Time, ConnId, u64)>,
     /// Our place in each substream's tree as last told to the neighbours, and when.
     tree_sent: Vec<TreePlace>,
     tree_sent_at: Time,
@@ -502,6 +526,8 @@ pub struct Swarm {
     parent_review_at: Vec<Time>,
     /// On the origin: payload bytes published.
     published_bytes: u64,
+    /// On the origin: when it published its first chunk.
+    first_published: Option<Time>,
     /// Chunk streams handed to the driver and not yet reported sent.
     uploads_in_flight: usize,
     counters: Counters,
@@ -549,6 +575,8 @@ impl Swarm {
             tier_empty_since: vec![None; k],
             tier_lost_at: vec![None; k],
             parked: VecDeque::new(),
+            last_rescue: None,
+            left_out: VecDeque::new(),
             tree_sent: Vec::new(),
             tree_sent_at: 0,
             feasible: vec![NO_DEPTH; k],
@@ -556,6 +584,7 @@ impl Swarm {
             parent_cut_since: vec![None; k],
             parent_review_at: vec![0; k],
             published_bytes: 0,
+            first_published: None,
             uploads_in_flight: 0,
             counters: Counters::default(),
             outputs: VecDeque::new(),
@@ -869,6 +898,7 @@ impl Swarm {
     pub fn publish(&mut self, now: Time, chunk: Verified) {
         self.counters.published += 1;
         self.published_bytes += chunk.payload().len() as u64;
+        self.first_published.get_or_insert(now);
         self.first_news_at(chunk.seq(), now);
         self.store(now, chunk, Path::Local, None);
     }
@@ -1191,6 +1221,14 @@ impl Swarm {
     /// On the origin: whether to answer `conn`'s request for `seq` (of `bytes`, with what this request
     /// has been served so far) now, decline it, or let it wait.
     fn origin_answer(&mut self, now: Time, conn: ConnId, seq: u64, bytes: usize) -> OriginAnswer {
+        if let Some(i) = self.left_out.iter().position(|&(_, c, s)| c == conn && s == seq) {
+            // The push we left out, and the child found nobody else with it: it gets its copy now
+            // (the debt stays), and paying back waits for a calmer moment.
+            self.left_out.remove(i);
+            self.counters.left_out_served += 1;
+            self.last_rescue = Some(now);
+            return OriginAnswer::Serve { rescue: true };
+        }
         // An origin with first-tier slots to spare has upload to spare: its budget is the slots,
         // whoever they serve (a small swarm, or one re-forming after a restart).
         let spare = self.children() < self.config.origin_fanout * usize::from(self.config.substreams);
@@ -1202,7 +1240,7 @@ impl Swarm {
             self.tier_demand[s].push_back((now, conn, seq));
         }
         let unspread = late || self.orphaned(now, seq);
-        let over_budget = self.origin_over_budget(bytes);
+        let over_budget = self.origin_over_budget(now, bytes);
         // (Counted when answered, not when sent: one request may name a chunk twice.)
         let copies = self.origin_repaired.entry(seq).or_insert(0);
         // A rescue copy of an unspread chunk is served even beyond the budget: without it a first
@@ -1217,6 +1255,9 @@ impl Swarm {
             return if unspread { OriginAnswer::Decline } else { OriginAnswer::Wait };
         }
         *copies = copies.saturating_add(1);
+        if rescue {
+            self.last_rescue = Some(now);
+        }
         OriginAnswer::Serve { rescue }
     }
 
@@ -1275,11 +1316,42 @@ impl Swarm {
     /// [`Config::origin_max_upload`] times what it has published, give or take a burst of
     /// [`ORIGIN_BURST_CHUNKS`] chunks (so a swarm forming around a fresh stream can be helped before
     /// the average has built up).
-    fn origin_over_budget(&self, bytes: usize) -> bool {
+    /// With [`Config::origin_pay_back`] the burst is only for the stream's first
+    /// [`PAY_BACK_BURST_US`]: later, room that paying back frees would only be spent again on
+    /// repair answers, and the debt never go.
+    fn origin_over_budget(&self, now: Time, bytes: usize) -> bool {
         let published = self.counters.published.max(1);
-        let burst = ORIGIN_BURST_CHUNKS * self.published_bytes / published;
+        let settled = self.config.origin_pay_back && self.first_published.is_some_and(|t| now >= t + PAY_BACK_BURST_US);
+        let burst = if settled { 0 } else { ORIGIN_BURST_CHUNKS * self.published_bytes / published };
         let budget = self.config.origin_max_upload * self.published_bytes as f64 + burst as f64;
         (self.counters.chunk_bytes_up + bytes as u64) as f64 > budget
+    }
+
+    /// On the origin: the first-tier child, if any, whose push of a new chunk (of `bytes`) to leave
+    /// out. A rescue copy and the start-up burst (see [`Self::origin_over_budget`]) take the
+    /// origin's upload beyond [`Config::origin_max_upload`] times the stream; this pays them back, one
+    /// copy at a time, so that over a whole event the broadcaster uploads no more than that. Only
+    /// while the swarm is calm (no rescue for [`REPAY_QUIET_US`]), at most one copy per
+    /// [`REPAY_GAP_US`] and the same child at most once per [`REPAY_CHILD_GAP_US`], and only a
+    /// copy of a chunk that at least one other first-tier child is pushed: the one left out is
+    /// the child with the fewest children of its own, which pulls the chunk from a neighbour in
+    /// the other subtree (it still hears our `Have`, and if nobody else has it we send it when
+    /// asked).
+    fn origin_leave_out(&self, now: Time, children: &[(ConnId, bool)], bytes: usize) -> Option<ConnId> {
+        if !self.config.origin_pay_back {
+            return None;
+        }
+        let tier: Vec<ConnId> = children.iter().filter(|(_, released)| !released).map(|&(c, _)| c).collect();
+        // (At least two copies, and the last child in push order is the one with the fewest children.)
+        let [_, .., candidate] = tier[..] else { return None };
+        let up = self.counters.chunk_bytes_up + (tier.len() * bytes) as u64;
+        if up as f64 <= self.config.origin_max_upload * self.published_bytes as f64 {
+            return None;
+        }
+        let calm = self.last_rescue.is_none_or(|t| now >= t + REPAY_QUIET_US);
+        let spaced = self.left_out.back().is_none_or(|&(t, _, _)| now >= t + REPAY_GAP_US);
+        let rested = !self.left_out.iter().any(|&(t, c, _)| c == candidate && now < t + REPAY_CHILD_GAP_US);
+        (calm && spaced && rested).then_some(candidate)
     }
 
     /// Stops pushing anything to `conn`, telling it so.
@@ -1373,7 +1445,7 @@ impl Swarm {
             .map(|(_, c)| c.clone())
             .collect();
         for chunk in backlog {
-            if self.config.role == Role::Origin && self.origin_over_budget(chunk.payload().len()) {
+            if self.config.role == Role::Origin && self.origin_over_budget(now, chunk.payload().len()) {
                 // The origin's upload stays within its budget; the child can pull the rest elsewhere.
                 break;
             }
@@ -1536,8 +1608,19 @@ impl Swarm {
             (released, std::cmp::Reverse(grandchildren))
         });
         let origin = self.config.role == Role::Origin;
+        let leave_out = if origin { self.origin_leave_out(now, &children, chunk.payload().len()) } else { None };
+        if let Some(conn) = leave_out {
+            self.counters.pushes_left_out += 1;
+            while self.left_out.front().is_some_and(|&(t, _, _)| now >= t + REPAY_CHILD_GAP_US) {
+                self.left_out.pop_front();
+            }
+            self.left_out.push_back((now, conn, seq));
+        }
         for (place, (conn, released)) in children.into_iter().enumerate() {
-            if origin && released && self.origin_over_budget(chunk.payload().len()) {
+            if Some(conn) == leave_out {
+                continue;
+            }
+            if origin && released && self.origin_over_budget(now, chunk.payload().len()) {
                 // The origin's first tier is its budget: a leaf it let go is pushed to only from
                 // what the tier leaves unused, and pulls what it misses while it moves.
                 continue;
@@ -2264,6 +2347,21 @@ const FORGET_CANDIDATES: usize = 8;
 /// On the origin: chunks it may send beyond its upload budget in a burst.
 const ORIGIN_BURST_CHUNKS: u64 = 2;
 
+/// On the origin: no first-tier push is left out to pay back its budget until this long after
+/// the last rescue copy, µs (a swarm that needed one is not calm yet).
+const REPAY_QUIET_US: Time = 2_000_000;
+
+/// With [`Config::origin_pay_back`], the origin may go beyond its budget by the start-up burst only
+/// this long after its first chunk, µs (the reports' warm-up).
+const PAY_BACK_BURST_US: Time = 5_000_000;
+
+/// On the origin: least time between two first-tier pushes left out to pay back its budget, µs.
+const REPAY_GAP_US: Time = 1_000_000;
+
+/// On the origin: least time between two pushes left out to the same first-tier child, µs, so
+/// its children never see it miss twice in a row.
+const REPAY_CHILD_GAP_US: Time = 5_000_000;
+
 /// Least time between two `Tree` announcements of ours, µs.
 const TREE_INTERVAL_US: Time = 100_000;
 
@@ -2375,6 +2473,18 @@ mod one_node {
 
     fn drain(swarm: &mut Swarm) -> Vec<Output> {
         std::iter::from_fn(|| swarm.poll_output()).collect()
+    }
+
+    /// Drains the outputs, every chunk sent counted as delivered at `now` (for tests that are not
+    /// about the uplink).
+    fn drain_sent(swarm: &mut Swarm, now: Time) -> Vec<Output> {
+        let out = drain(swarm);
+        for o in &out {
+            if let Output::SendChunk { conn, chunk, .. } = o {
+                swarm.handle_chunk_sent(now, *conn, chunk.seq(), true);
+            }
+        }
+        out
     }
 
     fn subscribe(swarm: &mut Swarm, now: Time, conn: ConnId) -> Vec<Output> {
@@ -2492,6 +2602,55 @@ mod one_node {
         assert_eq!(pushes_after_release(2.0), vec![relay, leaf]);
     }
 
+    /// With `origin_pay_back`, the copies a rescue sent beyond the budget are paid back: once the
+    /// swarm has been calm for a while, one first-tier push of a new chunk is left out (the child
+    /// still hears of it, and gets it when it asks), and then no more until the debt is back. Off,
+    /// the first tier always gets every copy.
+    #[test]
+    fn the_origin_pays_back_a_rescue_by_leaving_out_one_first_tier_push() {
+        let (first, second, asker) = (ConnId(1), ConnId(2), ConnId(3));
+        let t0: Time = 1_000_000;
+        let run = |origin_pay_back: bool| {
+            // One substream, so both first-tier slots are in it.
+            let config = Config { role: Role::Origin, origin_pay_back, substreams: 1, ..Config::default() };
+            let (mut swarm, key) = swarm_with(config, &[RELAY; 3]);
+            for child in [first, second] {
+                swarm.handle_message(t0, child, Message::Subscribe { substream: 0, substreams: 1, from_seq: u64::MAX });
+            }
+            assert!(unsubscribed(&drain(&mut swarm)).is_empty(), "a first-tier slot was refused");
+            let publish = |swarm: &mut Swarm, seq: u64, now: Time| {
+                swarm.publish(
+                    now,
+                    Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x")),
+                );
+                drain_sent(swarm, now)
+            };
+            let mut pushes = vec![pushed_to(&publish(&mut swarm, 1000, t0))];
+            // Still missing 500 ms on: a rescue copy, one beyond the two the budget allows.
+            swarm.handle_message(t0 + 500_000, asker, Message::Request { seqs: vec![1000] });
+            assert_eq!(pushed_to(&drain_sent(&mut swarm, t0 + 500_000)), vec![asker], "no rescue");
+            // Too soon after the rescue to pay it back.
+            pushes.push(pushed_to(&publish(&mut swarm, 1004, t0 + 1_000_000)));
+            let out = publish(&mut swarm, 1008, t0 + 3_000_000);
+            pushes.push(pushed_to(&out));
+            let told = |conn| {
+                out.iter()
+                    .any(|o| matches!(o, Output::Send { conn: c, message: Message::Have { seq: 1008 } } if *c == conn))
+            };
+            assert!(told(first) && told(second), "a first-tier child was not told of the chunk");
+            if origin_pay_back {
+                // The child left out asks for it: it gets it, and that is not paid back again at once.
+                swarm.handle_message(t0 + 3_200_000, second, Message::Request { seqs: vec![1008] });
+                assert_eq!(pushed_to(&drain_sent(&mut swarm, t0 + 3_200_000)), vec![second]);
+            }
+            pushes.push(pushed_to(&publish(&mut swarm, 1012, t0 + 4_500_000)));
+            (pushes, swarm.counters().pushes_left_out, swarm.counters().left_out_served)
+        };
+        let both = vec![first, second];
+        assert_eq!(run(false), (vec![both.clone(); 4], 0, 0));
+        assert_eq!(run(true), (vec![both.clone(), both.clone(), vec![first], both], 1, 1));
+    }
+
     /// `Tree` goes out when what neighbours act on changes (room or none, children or none, depth),
     /// not on every change of a count.
     #[test]
@@ -2523,25 +2682,15 @@ mod one_node {
         let (first, asker) = (ConnId(1), ConnId(2));
         let now = 1_000_000;
         let (mut swarm, _) = origin_with_a_first_tier(now, &[1000, 1004, 1008]);
-        // Sent means done here: the uplink is not what this test is about.
-        let sent = |swarm: &mut Swarm, now: Time| {
-            let out = drain(swarm);
-            for o in &out {
-                if let Output::SendChunk { conn, chunk, .. } = o {
-                    swarm.handle_chunk_sent(now, *conn, chunk.seq(), true);
-                }
-            }
-            out
-        };
         // Two repair answers use up the burst allowance; the third request waits for the tree.
         swarm.handle_message(now, asker, Message::Request { seqs: vec![1000, 1004, 1008] });
-        let out = sent(&mut swarm, now);
+        let out = drain_sent(&mut swarm, now);
         assert_eq!(pushed_to(&out), vec![asker, asker]);
         assert!(!out.iter().any(|o| matches!(o, Output::Send { message: Message::Cancel { .. }, .. })));
         // A first-tier child goes (crashed, say) before relaying the chunk: now it is served.
         swarm.handle_disconnected(now + 30_000, first);
         swarm.handle_message(now + 40_000, asker, Message::Request { seqs: vec![1008] });
-        assert_eq!(pushed_to(&sent(&mut swarm, now + 40_000)), vec![asker], "the orphaned chunk was not served");
+        assert_eq!(pushed_to(&drain_sent(&mut swarm, now + 40_000)), vec![asker], "the orphaned chunk was not served");
     }
 
     /// A requester that takes a waiting request back (`Cancel`: it asked a relay instead) and later

@@ -170,6 +170,8 @@ pub struct SimResult {
     pub start_us: Time,
     /// (node, substream) pairs at the end whose chain of parents loops back on itself (must be zero).
     pub parent_loops: u64,
+    /// The origin's counters at the end.
+    pub origin_counters: super::Counters,
 }
 
 /// How far a run has got, handed to the callback of [`Sim::run_with_progress`].
@@ -821,6 +823,7 @@ impl Sim {
             if let Some(s) = self.nodes[i].swarm.take() {
                 if i == 0 {
                     self.out.control_bytes += s.counters().control_bytes_up;
+                    self.out.origin_counters = s.counters().clone();
                 }
                 self.record_end(i, &s, true);
                 self.nodes[i].swarm = Some(s);

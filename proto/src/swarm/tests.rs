@@ -405,3 +405,28 @@ fn nodes_that_know_few_peers_still_find_the_stream() {
     let result = Sim::new(cfg).run();
     assert_continuity_at_least(&result, 0.95);
 }
+
+/// With `origin_pay_back`, the origin's upload over the whole run stays within its budget of two
+/// copies of the stream, where without it the start-up burst and rescues take it beyond; a swarm
+/// with room in its deadline plays everything either way.
+#[test]
+fn paying_back_keeps_the_origin_within_its_budget_over_the_whole_run() {
+    let ratio = |origin_pay_back: bool| {
+        let mut cfg = scenario(40);
+        cfg.swarm.target_latency_us = 2_500_000;
+        cfg.swarm.origin_pay_back = origin_pay_back;
+        let result = Sim::new(cfg).run();
+        assert_full_continuity(&result);
+        let c = &result.origin_counters;
+        (result.origin_bytes_up as f64 / result.stream_bytes as f64, c.pushes_left_out, c.left_out_served)
+    };
+    let (without, left_out, _) = ratio(false);
+    assert!(without > 2.0, "nothing to pay back: {without:.3}x");
+    assert_eq!(left_out, 0);
+    let (with, left_out, served) = ratio(true);
+    assert!(
+        with <= 2.0,
+        "the origin uploaded {with:.3}x the stream ({left_out} pushes left out, {served} served after all)"
+    );
+    assert!(left_out > 0);
+}
