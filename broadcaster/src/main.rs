@@ -158,6 +158,13 @@ struct Args {
     #[arg(long, env = "CROWDSURF_MAX_UPLOAD", requires = "listen", value_parser = parse_bytes_rate)]
     max_upload: Option<u64>,
 
+    /// Keep the origin's upload over the whole event within twice the stream: what it sends
+    /// beyond that (a start-up burst, a rescue copy of a chunk the swarm failed to spread) is paid
+    /// back by now and then leaving out one first-tier push while the swarm is calm. Those few
+    /// chunks reach part of the swarm a pull later (in the lab, p99 after the warm-up +80 ms).
+    #[arg(long, env = "CROWDSURF_STRICT_UPLOAD", requires = "listen")]
+    strict_upload: bool,
+
     /// The origin's node key file (created with mode 0600 if missing); a fresh node identity otherwise.
     #[arg(long, env = "CROWDSURF_NODE_KEY", requires = "listen")]
     node_key: Option<PathBuf>,
@@ -280,6 +287,7 @@ impl Seeder {
         config.announce = args.announce;
         config.endpoint.max_upload_bytes_per_sec = args.max_upload;
         config.swarm.role = crowdsurf_proto::wire::Role::Origin;
+        config.swarm.origin_pay_back = args.strict_upload;
         let _guard = runtime.enter();
         let (node, handle) = Node::bind(config).with_context(|| format!("cannot listen on {listen}"))?;
         let ticket = node.ticket();

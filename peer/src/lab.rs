@@ -139,6 +139,8 @@ pub struct LabConfig {
     pub slow_share: f64,
     /// The origin's upload as a multiple of the bitrate (None: unlimited).
     pub origin_upload: Option<f64>,
+    /// The origin pays back what it sends beyond twice the stream (the swarm's `origin_pay_back`).
+    pub strict_upload: bool,
     /// Share of the peers replaced per minute (0.2 = 20 %/min): leave without goodbye, new ones join.
     pub churn_per_min: f64,
     /// A flash crowd: this many extra peers join, spread over `flash_over`, at `flash_at`.
@@ -180,6 +182,7 @@ impl Default for LabConfig {
             upload_mean: None,
             slow_share: 0.2,
             origin_upload: None,
+            strict_upload: false,
             churn_per_min: 0.0,
             flash: 0,
             flash_at: Duration::from_secs(5),
@@ -368,6 +371,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
             origin_cfg.swarm.target_latency_us = latency_us;
             origin_cfg.swarm.window = window;
             origin_cfg.swarm.max_neighbours = 64;
+            origin_cfg.swarm.origin_pay_back = cfg.strict_upload;
             let upload_bps = cfg.origin_upload.map(|m| (m * cfg.bitrate_bps as f64) as u64);
             origin_cfg.endpoint.link = cfg.link(upload_bps, cfg.seed);
             if let Some(bps) = upload_bps {
@@ -522,6 +526,7 @@ pub async fn run(cfg: LabConfig) -> Result<Report, LabError> {
         slow_share: cfg.upload_mean.map(|_| cfg.slow_share),
         max_upload_bps: cfg.max_upload.filter(|_| cfg.upload_mean.is_none()).map(|b| b.saturating_mul(8)),
         origin_upload: cfg.origin_upload,
+        strict_upload: cfg.strict_upload,
         known_peers: crowdsurf_proto::swarm::Config::default().max_known,
         uniform_delay: true,
         seed: cfg.seed,

@@ -112,6 +112,11 @@ struct SimArgs {
     /// Flash crowd: N peers joining within T, e.g. 1000/2s (starts 10 s in).
     #[arg(long, value_parser = parse_flash)]
     flash: Option<(usize, Duration)>,
+    /// The origin pays back what it sent beyond twice the stream (start-up, rescue copies) by now
+    /// and then leaving out a first-tier push, so its upload over the whole run stays within 2x;
+    /// the few chunks left out reach part of the swarm a pull later.
+    #[arg(long)]
+    strict_upload: bool,
     /// Most peers each node remembers from peer exchange (a real node: 1024). Their table is the
     /// largest part of a simulated node's memory: 256 takes a third off it (see the README).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=65_536))]
@@ -174,6 +179,12 @@ struct LabArgs {
     /// The origin's upload as a multiple of the bitrate (unlimited when omitted), e.g. 8.
     #[arg(long)]
     origin_upload: Option<f64>,
+    /// The origin pays back what it sent beyond twice the stream (start-up, rescue copies) by now
+    /// and then leaving out a first-tier push, so its upload over the whole run stays within 2x;
+    /// the few chunks left out reach part of the swarm a pull later. (A real broadcaster: its own
+    /// --strict-upload.)
+    #[arg(long)]
+    strict_upload: bool,
     /// Churn: share of the peers replaced per minute, e.g. 20%/min (or 0.2).
     #[arg(long, default_value = "0", value_parser = parse_churn)]
     churn: f64,
@@ -360,6 +371,7 @@ async fn run_lab(a: LabArgs) -> Result<()> {
         upload_mean: a.upload_mean,
         slow_share: a.slow_share,
         origin_upload: a.origin_upload,
+        strict_upload: a.strict_upload,
         churn_per_min: a.churn,
         flash,
         flash_over,
@@ -422,6 +434,7 @@ fn run_sim(a: SimArgs) -> Result<()> {
         flash,
         flash_over,
         known_peers: a.known_peers as usize,
+        strict_upload: a.strict_upload,
         seed: a.seed,
         ..Default::default()
     };

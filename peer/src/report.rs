@@ -56,6 +56,9 @@ pub struct Scenario {
     pub max_upload_bps: Option<u64>,
     /// The origin's upload as a multiple of the bitrate (None: unlimited).
     pub origin_upload: Option<f64>,
+    /// The origin paid back what it sent beyond twice the stream (`--strict-upload`, the swarm's
+    /// `origin_pay_back`).
+    pub strict_upload: bool,
     /// Most peers each node remembers (`max_known`).
     pub known_peers: usize,
     /// Every pair of peers exactly `link_delay_ms` apart, jitter aside (the lab always is; the

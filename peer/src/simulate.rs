@@ -51,6 +51,8 @@ pub struct SimScenario {
     pub flash_over: Duration,
     /// How long peers take to join at the start (they arrive spread over this).
     pub ramp: Duration,
+    /// The origin pays back what it sends beyond twice the stream (the swarm's `origin_pay_back`).
+    pub strict_upload: bool,
     /// Most peers each node remembers ([`crowdsurf_proto::swarm::Config::max_known`]): the largest
     /// share of a simulated node's memory.
     pub known_peers: usize,
@@ -78,6 +80,7 @@ impl Default for SimScenario {
             flash_at: Duration::from_secs(10),
             flash_over: Duration::from_secs(2),
             ramp: Duration::from_secs(2),
+            strict_upload: false,
             known_peers: crowdsurf_proto::swarm::Config::default().max_known,
             seed: 1,
         }
@@ -161,6 +164,7 @@ pub fn run_with_progress(sc: &SimScenario, mut on_progress: impl FnMut(&Progress
         crowdsurf_proto::swarm::Config { target_latency_us: sc.latency.as_micros() as u64, ..Default::default() };
     swarm.window = (10_000 / sc.chunk_ms.max(1)).max(8) as usize;
     swarm.max_known = sc.known_peers;
+    swarm.origin_pay_back = sc.strict_upload;
     let cfg = SimConfig {
         seed: sc.seed,
         duration_us: duration,
@@ -232,6 +236,7 @@ pub fn run_with_progress(sc: &SimScenario, mut on_progress: impl FnMut(&Progress
         slow_share: Some(sc.slow_share),
         max_upload_bps: None,
         origin_upload: Some(sc.origin_upload),
+        strict_upload: sc.strict_upload,
         known_peers: sc.known_peers,
         uniform_delay: sc.uniform_delay,
         seed: sc.seed,
