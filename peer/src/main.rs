@@ -197,9 +197,9 @@ struct LabArgs {
     /// Feed the relays from this live stream (a broadcaster's or relay's ticket) instead of the
     /// lab's synthetic origin. The report then gives the stream's bitrate, chunk length and
     /// key-frame interval as measured from its chunks; --bitrate only sets what --upload-mean is a
-    /// multiple of (give it the stream's), and --chunk-ms, --keyint-ms and --origin-upload do not
-    /// apply.
-    #[arg(long, conflicts_with_all = ["chunk_ms", "keyint_ms", "origin_upload"])]
+    /// multiple of (give it the stream's), and --chunk-ms, --keyint-ms, --origin-upload and
+    /// --strict-upload do not apply (give the broadcaster its own --strict-upload).
+    #[arg(long, conflicts_with_all = ["chunk_ms", "keyint_ms", "origin_upload", "strict_upload"])]
     ticket: Option<Ticket>,
     /// Run the relays in this many worker processes (1: all in this one, beside the origin).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
