@@ -181,8 +181,9 @@ pub struct Config {
     /// first-tier pushes included. Repair answers, catch-up pushes to a new child and pushes to a
     /// leaf it let go for a relay come out of what the first tier leaves unused (slots not yet
     /// taken, rotations, children that left), so the broadcaster's upload stays flat; the
-    /// exceptions are a start-up burst of two chunks and a rescue copy (`origin_free_repairs`) of
-    /// a chunk its first tier failed to spread, which `origin_pay_back` pays back.
+    /// exceptions are an allowance of two chunks beyond the budget (for the first 5 s only with
+    /// `origin_pay_back`) and a rescue copy (`origin_free_repairs`) of a chunk its first tier
+    /// failed to spread; `origin_pay_back` pays both back.
     pub origin_max_upload: f64,
     /// On the origin: pay back what a rescue copy or the start-up burst sent beyond
     /// `origin_max_upload`, by leaving out a first-tier push now and then while the swarm is calm,
@@ -509,8 +510,9 @@ pub struct Swarm {
     /// On the origin: when it last sent a rescue copy (see [`Self::origin_answer`]).
     last_rescue: Option<Time>,
     /// On the origin: first-tier pushes lately left out to pay back its budget, (when, child,
-    /// seq), oldest first (see [`Self::origin_leave_out`]).
-    left_out: VecDeque<(Time, ConnId, u64)>,
+    /// seq), oldest first (see [`Self::origin_leave_out`]); the seq is taken once the child has
+    /// been sent the chunk after all, the rest kept for the spacing rules.
+    left_out: VecDeque<(Time, ConnId, Option<u64>)>,
     /// Our place in each substream's tree as last told to the neighbours, and when.
     tree_sent: Vec<TreePlace>,
     tree_sent_at: Time,
@@ -1221,10 +1223,10 @@ impl Swarm {
     /// On the origin: whether to answer `conn`'s request for `seq` (of `bytes`, with what this request
     /// has been served so far) now, decline it, or let it wait.
     fn origin_answer(&mut self, now: Time, conn: ConnId, seq: u64, bytes: usize) -> OriginAnswer {
-        if let Some(i) = self.left_out.iter().position(|&(_, c, s)| c == conn && s == seq) {
+        if let Some(entry) = self.left_out.iter_mut().find(|(_, c, s)| *c == conn && *s == Some(seq)) {
             // The push we left out, and the child found nobody else with it: it gets its copy now
             // (the debt stays), and paying back waits for a calmer moment.
-            self.left_out.remove(i);
+            entry.2 = None;
             self.counters.left_out_served += 1;
             self.last_rescue = Some(now);
             return OriginAnswer::Serve { rescue: true };
@@ -1333,7 +1335,8 @@ impl Swarm {
     /// copy at a time, so that over a whole event the broadcaster uploads no more than that. Only
     /// while the swarm is calm (no rescue for [`REPAY_QUIET_US`]), at most one copy per
     /// [`REPAY_GAP_US`] and the same child at most once per [`REPAY_CHILD_GAP_US`], and only a
-    /// copy of a chunk that at least one other first-tier child is pushed: the one left out is
+    /// copy of a chunk that at least one other live first-tier child (not stuck, not silent) is
+    /// pushed: the one left out is
     /// the child with the fewest children of its own, which pulls the chunk from a neighbour in
     /// the other subtree (it still hears our `Have`, and if nobody else has it we send it when
     /// asked).
@@ -1341,7 +1344,12 @@ impl Swarm {
         if !self.config.origin_pay_back {
             return None;
         }
-        let tier: Vec<ConnId> = children.iter().filter(|(_, released)| !released).map(|&(c, _)| c).collect();
+        // The children that will really be sent this chunk: not let go, and taking what we send.
+        let live = |c: &ConnId| {
+            self.neighbours.get(c).is_some_and(|n| n.uploads < STUCK_UPLOADS && !n.stalled(now, SILENT_US))
+        };
+        let tier: Vec<ConnId> =
+            children.iter().filter(|(_, released)| !released).map(|&(c, _)| c).filter(live).collect();
         // (At least two copies, and the last child in push order is the one with the fewest children.)
         let [_, .., candidate] = tier[..] else { return None };
         let up = self.counters.chunk_bytes_up + (tier.len() * bytes) as u64;
@@ -1614,7 +1622,7 @@ impl Swarm {
             while self.left_out.front().is_some_and(|&(t, _, _)| now >= t + REPAY_CHILD_GAP_US) {
                 self.left_out.pop_front();
             }
-            self.left_out.push_back((now, conn, seq));
+            self.left_out.push_back((now, conn, Some(seq)));
         }
         for (place, (conn, released)) in children.into_iter().enumerate() {
             if Some(conn) == leave_out {
@@ -2644,11 +2652,48 @@ mod one_node {
                 assert_eq!(pushed_to(&drain_sent(&mut swarm, t0 + 3_200_000)), vec![second]);
             }
             pushes.push(pushed_to(&publish(&mut swarm, 1012, t0 + 4_500_000)));
+            // Calm again and still in debt, but the same child is not left out twice within 5 s
+            // (being served after all does not count as having been pushed to).
+            pushes.push(pushed_to(&publish(&mut swarm, 1016, t0 + 5_600_000)));
             (pushes, swarm.counters().pushes_left_out, swarm.counters().left_out_served)
         };
         let both = vec![first, second];
-        assert_eq!(run(false), (vec![both.clone(); 4], 0, 0));
-        assert_eq!(run(true), (vec![both.clone(), both.clone(), vec![first], both], 1, 1));
+        assert_eq!(run(false), (vec![both.clone(); 5], 0, 0));
+        assert_eq!(run(true), (vec![both.clone(), both.clone(), vec![first], both.clone(), both], 1, 1));
+    }
+
+    /// Paying back never leaves out the one push of a chunk that will really go out: a first-tier
+    /// child that is not taking what the origin sends does not count as the other copy.
+    #[test]
+    fn paying_back_leaves_no_chunk_without_a_live_first_tier_child() {
+        let (first, second, asker) = (ConnId(1), ConnId(2), ConnId(3));
+        let t0: Time = 1_000_000;
+        let config = Config { role: Role::Origin, origin_pay_back: true, substreams: 1, ..Config::default() };
+        let (mut swarm, key) = swarm_with(config, &[RELAY; 3]);
+        for child in [first, second] {
+            swarm.handle_message(t0, child, Message::Subscribe { substream: 0, substreams: 1, from_seq: u64::MAX });
+        }
+        assert!(unsubscribed(&drain(&mut swarm)).is_empty(), "a first-tier slot was refused");
+        let chunk = |seq: u64, now: Time| {
+            Verified::sign(&key, seq, now, 250_000, Flags::RANDOM_ACCESS, Bytes::from_static(b"x"))
+        };
+        swarm.publish(t0, chunk(1000, t0));
+        drain_sent(&mut swarm, t0);
+        // A rescue copy puts the origin in debt.
+        swarm.handle_message(t0 + 500_000, asker, Message::Request { seqs: vec![1000] });
+        assert_eq!(pushed_to(&drain_sent(&mut swarm, t0 + 500_000)), vec![asker], "no rescue");
+        // `first` stops taking chunks: its pushes pile up until it counts as stuck.
+        for (i, seq) in (1001..1001 + STUCK_UPLOADS as u64).enumerate() {
+            let now = t0 + 600_000 + i as u64 * 50_000;
+            swarm.publish(now, chunk(seq, now));
+            assert_eq!(pushed_to(&drain(&mut swarm)), vec![first, second]);
+            swarm.handle_chunk_sent(now, second, seq, true);
+        }
+        // Calm and in debt, but `second` is the only child that will be sent the chunk.
+        let now = t0 + 3_000_000;
+        swarm.publish(now, chunk(1100, now));
+        assert_eq!(pushed_to(&drain(&mut swarm)), vec![second], "the chunk went to nobody");
+        assert_eq!(swarm.counters().pushes_left_out, 0);
     }
 
     /// `Tree` goes out when what neighbours act on changes (room or none, children or none, depth),
