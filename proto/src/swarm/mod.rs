@@ -1319,11 +1319,11 @@ impl Swarm {
     /// [`ORIGIN_BURST_CHUNKS`] chunks (so a swarm forming around a fresh stream can be helped before
     /// the average has built up).
     /// With [`Config::origin_pay_back`] the burst is only for the stream's first
-    /// [`PAY_BACK_BURST_US`]: later, room that paying back frees would only be spent again on
+    /// [`REPAY_BURST_US`]: later, room that paying back frees would only be spent again on
     /// repair answers, and the debt never go.
     fn origin_over_budget(&self, now: Time, bytes: usize) -> bool {
         let published = self.counters.published.max(1);
-        let settled = self.config.origin_pay_back && self.first_published.is_some_and(|t| now >= t + PAY_BACK_BURST_US);
+        let settled = self.config.origin_pay_back && self.first_published.is_some_and(|t| now >= t + REPAY_BURST_US);
         let burst = if settled { 0 } else { ORIGIN_BURST_CHUNKS * self.published_bytes / published };
         let budget = self.config.origin_max_upload * self.published_bytes as f64 + burst as f64;
         (self.counters.chunk_bytes_up + bytes as u64) as f64 > budget
@@ -1336,10 +1336,9 @@ impl Swarm {
     /// while the swarm is calm (no rescue for [`REPAY_QUIET_US`]), at most one copy per
     /// [`REPAY_GAP_US`] and the same child at most once per [`REPAY_CHILD_GAP_US`], and only a
     /// copy of a chunk that at least one other live first-tier child (not stuck, not silent) is
-    /// pushed: the one left out is
-    /// the child with the fewest children of its own, which pulls the chunk from a neighbour in
-    /// the other subtree (it still hears our `Have`, and if nobody else has it we send it when
-    /// asked).
+    /// pushed: the one left out is the child with the fewest children of its own, which pulls the
+    /// chunk from a neighbour in the other subtree (it still hears our `Have`, and if nobody else
+    /// has it we send it when asked).
     fn origin_leave_out(&self, now: Time, children: &[(ConnId, bool)], bytes: usize) -> Option<ConnId> {
         if !self.config.origin_pay_back {
             return None;
@@ -1360,6 +1359,16 @@ impl Swarm {
         let spaced = self.left_out.back().is_none_or(|&(t, _, _)| now >= t + REPAY_GAP_US);
         let rested = !self.left_out.iter().any(|&(t, c, _)| c == candidate && now < t + REPAY_CHILD_GAP_US);
         (calm && spaced && rested).then_some(candidate)
+    }
+
+    /// On the origin: the push of `seq` to `conn` is left out (see [`Self::origin_leave_out`]).
+    /// Entries older than [`REPAY_CHILD_GAP_US`] no longer matter to the spacing rules and go.
+    fn note_left_out(&mut self, now: Time, conn: ConnId, seq: u64) {
+        self.counters.pushes_left_out += 1;
+        while self.left_out.front().is_some_and(|&(t, _, _)| now >= t + REPAY_CHILD_GAP_US) {
+            self.left_out.pop_front();
+        }
+        self.left_out.push_back((now, conn, Some(seq)));
     }
 
     /// Stops pushing anything to `conn`, telling it so.
@@ -1618,11 +1627,7 @@ impl Swarm {
         let origin = self.config.role == Role::Origin;
         let leave_out = if origin { self.origin_leave_out(now, &children, chunk.payload().len()) } else { None };
         if let Some(conn) = leave_out {
-            self.counters.pushes_left_out += 1;
-            while self.left_out.front().is_some_and(|&(t, _, _)| now >= t + REPAY_CHILD_GAP_US) {
-                self.left_out.pop_front();
-            }
-            self.left_out.push_back((now, conn, Some(seq)));
+            self.note_left_out(now, conn, seq);
         }
         for (place, (conn, released)) in children.into_iter().enumerate() {
             if Some(conn) == leave_out {
@@ -2361,7 +2366,7 @@ const REPAY_QUIET_US: Time = 2_000_000;
 
 /// With [`Config::origin_pay_back`], the origin may go beyond its budget by the start-up burst only
 /// this long after its first chunk, µs (the reports' warm-up).
-const PAY_BACK_BURST_US: Time = 5_000_000;
+const REPAY_BURST_US: Time = 5_000_000;
 
 /// On the origin: least time between two first-tier pushes left out to pay back its budget, µs.
 const REPAY_GAP_US: Time = 1_000_000;
