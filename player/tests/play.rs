@@ -402,7 +402,12 @@ fn a_full_disk_and_a_departing_http_client_leave_the_other_outputs_playing() {
 }
 
 /// The window (on SDL's offscreen driver, asked for by name) together with the HTTP gateway: both
-/// run, and the window closes when the player's --duration is up.
+/// run, the window shows pictures when they are due, and it closes when the player's --duration is up.
+///
+/// The window's capture-to-screen latency is held against the decoder's display latency from the same
+/// run, not against a fixed bound: when the machine stalls, every picture after the stall is late
+/// before it reaches the window (the headless tests hold the pipeline to its target), and what is
+/// checked here is that the window adds nothing to it.
 #[cfg(feature = "window")]
 #[test]
 fn the_window_combines_with_the_gateway_and_closes_at_the_end() {
@@ -452,7 +457,21 @@ fn the_window_combines_with_the_gateway_and_closes_at_the_end() {
         closed[at + name.len() + 1..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
     };
     assert!(field("shown") > 100, "the window showed too few pictures: {closed}");
-    let p99 = field("capture_to_screen_p99_ms");
-    assert!((1000..=1100).contains(&p99), "capture to screen p99 {p99} ms with --latency 1s: {closed}");
+    // The player's summary: "... display latency p50 X ms p99 Y ms max Z ms ...".
+    let summary =
+        log.lines().find(|l| l.contains("display latency p50")).unwrap_or_else(|| panic!("no summary: {log}"));
+    let decoded_p99: u64 = summary
+        .split("p99 ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no display latency p99 in {summary}"));
+    let (p50, p99) = (field("capture_to_screen_p50_ms"), field("capture_to_screen_p99_ms"));
+    // Pictures go up when due: never before capture + 1 s, and typically within 50 ms of it.
+    assert!((1000..=1050).contains(&p50), "capture to screen p50 {p50} ms with --latency 1s: {closed}");
+    assert!(
+        p99 <= decoded_p99 + 100,
+        "the window held pictures back: capture to screen p99 {p99} ms, decoded p99 {decoded_p99} ms\n{closed}\n{summary}"
+    );
     drop(swarm);
 }
